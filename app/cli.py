@@ -1,0 +1,87 @@
+"""`sserelay serve`: check the settings and the config file first, so a mistake stops
+startup with one line naming the field, then hand over to uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .config import ConfigError, describe, load_config
+from .logs import configure
+from .settings import Settings
+
+
+def _fail(message: str) -> int:
+    print(f"sserelay: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"SSERELAY_{field.upper()}: {message}")
+    return "invalid setting " + "; ".join(parts)
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {
+        "host": args.host, "port": args.port, "config": args.config,
+    }.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        return _fail(_settings_error(exc))
+    try:
+        config = load_config(settings.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ValidationError as exc:  # pragma: no cover - load_config translates these
+        return _fail(describe(exc))
+    configure(settings.log_format, settings.log_level)
+
+    import uvicorn
+
+    from .factory import create_app
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    print(f"sserelay: listening on http://{settings.host}:{settings.port} "
+          f"(demo page at /, metrics at /metrics)", file=sys.stderr, flush=True)
+    common = {
+        "host": settings.host, "port": settings.port, "loop": loop, "http": http,
+        "log_config": None, "access_log": False, "timeout_graceful_shutdown": 30,
+    }
+    if args.workers > 1:
+        # Each worker builds its own app from the same environment.
+        for key, value in overrides.items():
+            os.environ[f"SSERELAY_{key.upper()}"] = str(value)
+        uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers,
+                    **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(settings, config), **common)  # type: ignore[arg-type]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sserelay", description="SSE streaming AI proxy")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the HTTP server")
+    run.add_argument("--host", help="bind address (default 127.0.0.1; SSERELAY_HOST)")
+    run.add_argument("--port", type=int, help="port (default 8000; SSERELAY_PORT)")
+    run.add_argument("--config", type=Path, help="YAML file of providers, models and plans")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (needs Redis)")
+    run.set_defaults(handler=serve)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The composition root: `create_app(settings)` wires every package together.
+
+Nothing is built at import time; the lifespan builds the services and keeps them on
+`app.state`, and closes them in reverse on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
+
+from .config import Config, load_config
+from .errors import exception_handlers
+from .middleware import RequestContextMiddleware
+from .routes import auth, meta, streams
+from .services import build_services
+from .settings import Settings
+
+
+def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
+    settings = settings or Settings()
+    config = config or load_config(settings.config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await build_services(settings, config)
+        app.state.services = services
+        await services.manager.start()
+        try:
+            yield
+        finally:
+            await services.aclose()
+
+    routes: list[BaseRoute] = [*streams.routes, *meta.routes]
+    if settings.jwt_secret is None:
+        routes += auth.dev_routes
+    middleware = [Middleware(RequestContextMiddleware)]
+    if settings.cors_origin_list:
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after", "location"],
+            allow_credentials=True,
+            max_age=600,
+        ))
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers=exception_handlers(),
+        lifespan=lifespan,
+    )
+
+
+def app_from_env() -> Starlette:
+    """Factory for `uvicorn --factory app.factory:app_from_env` (one per worker)."""
+    return create_app()

@@ -1,0 +1,177 @@
+"""Streams: start one, read it (live or resumed), poll it, cancel it; and the direct
+route that streams straight into its own response."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from streaming import Event, StreamInfo, StreamNotFound, follow
+
+from ..errors import ProblemError
+from ..generation import start
+from ..security import principal, stream_reader
+from ..services import Services
+from ..sse import SSEResponse
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _links(request: Request, stream_id: str, ticket: str, expires: int) -> dict[str, Any]:
+    return {
+        "id": stream_id,
+        "events_url": f"/v1/streams/{stream_id}/events?ticket={ticket}",
+        "status_url": f"/v1/streams/{stream_id}",
+        "ticket": ticket,
+        "expires_at": expires,
+    }
+
+
+async def _owned(services: Services, stream_id: str, subject: str) -> StreamInfo:
+    """Someone else's stream answers exactly like a missing one."""
+    info = await services.log.info(stream_id)
+    if info is None or info.owner != subject:
+        raise StreamNotFound("no such stream")
+    return info
+
+
+async def create_stream(request: Request) -> Response:
+    caller = principal(request)
+    services = _services(request)
+    stream_id, prepared, generation = await start(request, caller, "s_")
+    info = StreamInfo(
+        id=stream_id, owner=caller.subject, model=prepared.model,
+        provider=prepared.provider.name, plan=caller.plan,
+        max_tokens=prepared.request.max_tokens, created_at=time.time(),
+    )
+    await services.manager.launch(info, generation)
+    services.metrics.stream_started("streams", caller.plan, prepared.model)
+    ticket, expires = services.tickets.issue(stream_id, caller.subject)
+    return JSONResponse(_links(request, stream_id, ticket, expires), status_code=201,
+                        headers={"Location": f"/v1/streams/{stream_id}"})
+
+
+def _last_event_id(request: Request) -> int:
+    """Where to resume. EventSource sends the header on its own reconnects; a fresh
+    EventSource can only say it in the query. When both are present the larger wins:
+    the header is then newer than the URL it reconnects to."""
+    values = [request.headers.get("last-event-id"), request.query_params.get("last_event_id")]
+    after = 0
+    for value in values:
+        if value is None or value == "":
+            continue
+        if not value.isdigit() or len(value) > 18:
+            raise ProblemError(400, "invalid_last_event_id",
+                               "Last-Event-ID must be a non-negative integer")
+        after = max(after, int(value))
+    return after
+
+
+async def stream_events(request: Request) -> Response | SSEResponse:
+    stream_id = request.path_params["stream_id"]
+    services = _services(request)
+    subject = stream_reader(request, stream_id)
+    info = await _owned(services, stream_id, subject)
+    after = _last_event_id(request)
+    if after:
+        services.metrics.resumes.inc()
+        if info.status != "running" and not await services.log.read(stream_id, after, limit=1):
+            # The client has everything, terminal event included: 204 stops EventSource.
+            return Response(status_code=204)
+
+    async def frames(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        async for event in events:
+            yield event.frame()
+
+    events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
+    return SSEResponse(
+        frames(events), ping_s=services.settings.ping_interval_s,
+        retry_ms=services.settings.retry_ms,
+    )
+
+
+async def stream_status(request: Request) -> Response:
+    caller = principal(request)
+    services = _services(request)
+    stream_id = request.path_params["stream_id"]
+    info = await _owned(services, stream_id, caller.subject)
+    text: list[str] = []
+    body: dict[str, Any] = {**info.as_dict(), "last_event_id": 0}
+    after = 0
+    while batch := await services.log.read(stream_id, after, limit=5000):
+        for event in batch:
+            after = event.id
+            if event.name == "delta":
+                text.append(event.json()["text"])
+            elif event.name == "progress":
+                body["progress"] = event.json()
+            elif event.name in ("done", "error"):
+                body[event.name] = event.json()
+    body["text"] = "".join(text)
+    body["last_event_id"] = after
+    return JSONResponse(body)
+
+
+async def cancel_stream(request: Request) -> Response:
+    caller = principal(request)
+    services = _services(request)
+    stream_id = request.path_params["stream_id"]
+    info = await _owned(services, stream_id, caller.subject)
+    if info.status != "running":
+        return JSONResponse({"id": stream_id, "status": info.status})
+    await services.manager.cancel(stream_id)
+    return JSONResponse({"id": stream_id, "status": "cancelling"}, status_code=202)
+
+
+async def new_ticket(request: Request) -> Response:
+    """A fresh ticket for a stream the caller owns: how a page resumes after the ticket
+    its EventSource was using expired."""
+    caller = principal(request)
+    services = _services(request)
+    stream_id = request.path_params["stream_id"]
+    await _owned(services, stream_id, caller.subject)
+    ticket, expires = services.tickets.issue(stream_id, caller.subject)
+    return JSONResponse(_links(request, stream_id, ticket, expires))
+
+
+async def chat_stream(request: Request) -> SSEResponse:
+    caller = principal(request)
+    services = _services(request)
+    stream_id, prepared, generation = await start(request, caller, "c_")
+    info = StreamInfo(
+        id=stream_id, owner=caller.subject, model=prepared.model,
+        provider=prepared.provider.name, plan=caller.plan,
+        max_tokens=prepared.request.max_tokens, created_at=time.time(),
+    )
+    services.metrics.stream_started("chat", caller.plan, prepared.model)
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            async for event in generation.events():
+                yield event.frame()
+        finally:
+            # Closed or cancelled before the end: the client left, and closing the
+            # generation has already cancelled the upstream request.
+            if generation.outcome.status == "running":
+                generation.end("client_gone", error_code="client_gone")
+            await services.stream_finished("chat", info, generation.outcome)
+
+    return SSEResponse(frames(), ping_s=services.settings.ping_interval_s)
+
+
+routes = [
+    Route("/v1/streams", create_stream, methods=["POST"]),
+    Route("/v1/streams/{stream_id}", stream_status, methods=["GET"]),
+    Route("/v1/streams/{stream_id}", cancel_stream, methods=["DELETE"]),
+    Route("/v1/streams/{stream_id}/events", stream_events, methods=["GET"]),
+    Route("/v1/streams/{stream_id}/ticket", new_ticket, methods=["POST"]),
+    Route("/v1/chat/stream", chat_stream, methods=["POST"]),
+]

@@ -1,0 +1,62 @@
+"""The request body, validated strictly: unknown fields are errors, not ignored."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# C0 controls except tab and newline, DEL, and C1 controls: they carry no meaning in a
+# prompt and have been used to smuggle instructions past filters and into logs.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    return _CONTROL.sub("", text)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1)
+
+    @field_validator("content")
+    @classmethod
+    def _clean(cls, value: str) -> str:
+        return clean(value)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = Field(default=None, min_length=1)
+    system: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    metadata: dict[str, str | int | float | bool] | None = Field(default=None, max_length=16)
+
+    @field_validator("prompt", "system")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        return clean(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> CompletionRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("`messages` must not be empty")
+            if self.messages[0].role != "user":
+                raise ValueError("the first message must have role `user`")
+        return self
+
+    def chat(self) -> list[ChatMessage]:
+        if self.messages is not None:
+            return self.messages
+        assert self.prompt is not None
+        return [ChatMessage(role="user", content=self.prompt)]

@@ -1,0 +1,159 @@
+"""Everything a request needs, built once in the lifespan and kept on `app.state`."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from auth import TicketService, TokenIssuer, TokenVerifier
+from streaming import (
+    AnthropicProvider,
+    MemoryStreamLog,
+    OpenAIProvider,
+    Outcome,
+    PipelineOptions,
+    Provider,
+    RedisStreamLog,
+    SimulatedProvider,
+    StreamInfo,
+    StreamLog,
+    StreamManager,
+    UpstreamPolicy,
+)
+
+from .config import Config, ProviderConfig
+from .metrics import Metrics
+from .settings import Settings
+
+logger = logging.getLogger("sserelay")
+stream_log = logging.getLogger("sserelay.stream")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    config: Config
+    verifier: TokenVerifier
+    tickets: TicketService
+    issuer: TokenIssuer | None
+    """Only in development mode (no key configured): signs the demo's tokens."""
+    log: StreamLog
+    manager: StreamManager
+    providers: dict[str, Provider]
+    options: PipelineOptions
+    metrics: Metrics
+    redis: aioredis.Redis | None
+
+    async def stream_finished(self, route: str, info: StreamInfo, outcome: Outcome) -> None:
+        """Runs exactly once per stream, however it ended."""
+        self.metrics.stream_finished(route, info.plan, info.model, outcome)
+        stream_log.info(
+            "stream %s %s", info.id, outcome.status,
+            extra={
+                "stream_id": info.id, "subject": info.owner, "plan": info.plan,
+                "model": info.model, "provider": info.provider, "route": route,
+                "outcome": outcome.status, "stop_reason": outcome.stop_reason,
+                "error_code": outcome.error_code, "ttft_ms": outcome.ttft_ms,
+                "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                "cost_usd": outcome.cost_usd, "duration_ms": outcome.duration_ms,
+                "retries": outcome.retries,
+            },
+        )
+
+    async def aclose(self) -> None:
+        await self.manager.aclose()
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.log.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provider:
+    if spec.kind == "simulated":
+        return SimulatedProvider(
+            name, tokens_per_second=spec.tokens_per_second,
+            response_tokens=spec.response_tokens, ttft_ms=spec.ttft_ms,
+        )
+    if spec.kind == "openai":
+        assert spec.base_url is not None
+        return OpenAIProvider(
+            name, base_url=spec.base_url, api_key=spec.api_key(),
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            max_connections=spec.max_connections,
+        )
+    return AnthropicProvider(
+        name, base_url=spec.url(), api_key=spec.api_key(),
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+        max_connections=spec.max_connections,
+    )
+
+
+async def build_services(settings: Settings, config: Config) -> Services:
+    if settings.jwt_secret is not None:
+        secret = settings.jwt_secret.get_secret_value().encode()
+        issuer = None
+    else:
+        secret = secrets.token_bytes(32)
+        issuer = TokenIssuer(secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        logger.warning(
+            "development mode: no SSERELAY_JWT_SECRET, so tokens are signed with a random "
+            "key and the demo page may fetch one from /v1/auth/dev-token"
+        )
+    verifier = TokenVerifier(
+        secret, plans=config.plans.keys(), default_plan=config.default_plan,
+        issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+    )
+    client: aioredis.Redis | None = None
+    log: StreamLog
+    ttl, duration = settings.stream_ttl_s, settings.max_stream_duration_s
+    if settings.redis_url:
+        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+        log = RedisStreamLog(
+            client, prefix=settings.redis_prefix, ttl_s=ttl, max_duration_s=duration,
+            max_events=settings.max_stream_events,
+        )
+    else:
+        log = MemoryStreamLog(
+            ttl_s=ttl, max_duration_s=duration, max_events=settings.max_stream_events
+        )
+
+    services_ref: list[Services] = []
+
+    async def on_finish(info: StreamInfo, outcome: Outcome) -> None:
+        await services_ref[0].stream_finished("streams", info, outcome)
+
+    manager = StreamManager(
+        log, orphan_grace_s=settings.orphan_grace_s, lease_s=settings.lease_s,
+        tick_s=settings.supervisor_tick_s, on_finish=on_finish,
+    )
+    options = PipelineOptions(
+        coalesce_window_s=settings.coalesce_ms / 1000,
+        coalesce_max_chars=settings.coalesce_max_chars,
+        progress_interval_s=settings.progress_interval_ms / 1000,
+        upstream=UpstreamPolicy(
+            first_token_timeout_s=settings.upstream_first_token_timeout_s,
+            idle_timeout_s=settings.upstream_idle_timeout_s,
+            max_attempts=settings.upstream_max_attempts,
+            backoff_base_s=settings.upstream_backoff_base_s,
+            backoff_max_s=settings.upstream_backoff_max_s,
+        ),
+    )
+    services = Services(
+        settings=settings,
+        config=config,
+        verifier=verifier,
+        tickets=TicketService(secret, ttl_s=settings.ticket_ttl_s),
+        issuer=issuer,
+        log=log,
+        manager=manager,
+        providers={n: build_provider(n, p, settings) for n, p in config.providers.items()},
+        options=options,
+        metrics=Metrics(lambda: manager.active),
+        redis=client,
+    )
+    services_ref.append(services)
+    return services

@@ -1,0 +1,109 @@
+"""The SSE response: pre-encoded frames out, pings while idle, disconnects noticed.
+
+A small pure-ASGI response rather than sse-starlette's: importing that library patches
+uvicorn's signal handler and keeps shutdown state in class attributes, where this
+project drives shutdown from an event owned by the lifespan. What it must do is small:
+
+- send each frame as soon as it is produced (no buffering: `X-Accel-Buffering: no`);
+- send `: ping` when nothing was sent for `ping_s`, so proxies keep a long TTFT open;
+- notice the client going away (`http.disconnect`) and cancel the producer at once,
+  which is what cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from starlette.types import Receive, Scope, Send
+
+from streaming import PING_FRAME, retry_frame
+
+logger = logging.getLogger("sserelay.sse")
+
+
+class SSEResponse:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        ping_s: float,
+        retry_ms: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if ping_s <= 0:
+            raise ValueError("ping_s must be positive")  # a zero interval would spin
+        self.frames = frames
+        self.ping_s = ping_s
+        self.retry_ms = retry_ms
+        self.headers = dict(headers or {})
+        self.client_gone = False
+
+    def _raw_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = {
+            "content-type": "text/event-stream; charset=utf-8",
+            "cache-control": "no-store",
+            "x-accel-buffering": "no",
+            **{k.lower(): v for k, v in self.headers.items()},
+        }
+        return [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()
+        last_sent = loop.time()
+
+        async def write(body: bytes) -> None:
+            nonlocal last_sent
+            async with lock:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                last_sent = loop.time()
+
+        async def produce() -> None:
+            try:
+                if self.retry_ms:
+                    await write(retry_frame(self.retry_ms))
+                async for frame in self.frames:
+                    await write(frame)
+            finally:
+                aclose = getattr(self.frames, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        async def ping() -> None:
+            while True:
+                wait = last_sent + self.ping_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                await write(PING_FRAME)
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        producer = asyncio.create_task(produce())
+        pinger = asyncio.create_task(ping())
+        watcher = asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait([producer, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.client_gone = watcher.done() or not producer.done()
+            for task in (producer, pinger, watcher):
+                task.cancel()
+            await asyncio.gather(producer, pinger, watcher, return_exceptions=True)
+        error = None if producer.cancelled() else producer.exception()
+        if isinstance(error, OSError):
+            self.client_gone = True  # the socket broke under a write
+        elif error is not None:
+            logger.error("SSE producer failed", exc_info=error)
+        if not self.client_gone:
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                self.client_gone = True

@@ -1,0 +1,1 @@
+"""Benchmark harness and the fake upstream it (and the test suite) drives."""

@@ -1,0 +1,5 @@
+"""Plans and their limits."""
+
+from .plans import Plan
+
+__all__ = ["Plan"]

@@ -1,0 +1,63 @@
+"""Providers, the event pipeline, SSE events and the stream log.
+
+Knows nothing of HTTP routing, auth or plans: the app hands it validated requests and
+collaborators (a log, providers, prices) and gets numbered events back.
+"""
+
+from ._exceptions import StreamingError, StreamLogError, StreamNotFound, UpstreamError
+from .chunks import Chunk, Stop, TextDelta, Usage
+from .events import PING_FRAME, Event, EventEncoder, encode_data, retry_frame
+from .log import LogWriter, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog
+from .manager import StreamManager
+from .pipeline import Generation, Meter, Outcome, PipelineOptions, Pricing, coalesce, meter
+from .providers import (
+    AnthropicProvider,
+    GenerationRequest,
+    Message,
+    OpenAIProvider,
+    Provider,
+    SimulatedProvider,
+    simulated_text,
+)
+from .reader import follow
+from .upstream import UpstreamPolicy, normalise, pump
+
+__all__ = [
+    "PING_FRAME",
+    "AnthropicProvider",
+    "Chunk",
+    "Event",
+    "EventEncoder",
+    "Generation",
+    "GenerationRequest",
+    "LogWriter",
+    "MemoryStreamLog",
+    "Message",
+    "Meter",
+    "OpenAIProvider",
+    "Outcome",
+    "PipelineOptions",
+    "Pricing",
+    "Provider",
+    "RedisStreamLog",
+    "SimulatedProvider",
+    "Stop",
+    "StreamInfo",
+    "StreamLog",
+    "StreamLogError",
+    "StreamManager",
+    "StreamNotFound",
+    "StreamingError",
+    "TextDelta",
+    "UpstreamError",
+    "UpstreamPolicy",
+    "Usage",
+    "coalesce",
+    "encode_data",
+    "follow",
+    "meter",
+    "normalise",
+    "pump",
+    "retry_frame",
+    "simulated_text",
+]

@@ -1,0 +1,39 @@
+"""The normalised vocabulary every provider speaks.
+
+Providers differ in wire format (Anthropic events, OpenAI chunks, the simulator), but the
+pipeline only ever sees these three shapes, so each stage can be tested without any
+provider at all. Failures are not chunks: they are raised as `UpstreamError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class TextDelta:
+    """Generated text. `tokens` is the provider's count when it knows it, else an estimate
+    (one upstream chunk is about one token), so progress can be shown before the
+    provider reports usage at the end."""
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as reported by the provider; either side may be unknown (None)."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Stop:
+    """The provider finished normally; `reason` uses Anthropic's vocabulary
+    (end_turn, max_tokens, stop_sequence, ...)."""
+
+    reason: str
+
+
+Chunk = TextDelta | Usage | Stop

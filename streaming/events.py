@@ -1,0 +1,60 @@
+"""SSE events as they travel: encoded once, framed cheaply.
+
+An event's JSON payload is encoded exactly once, when it is produced. The stream log
+stores that payload as is and every reader, live or replaying, frames it with a byte
+template, so relaying an event costs no JSON work and no string building per reader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+TERMINAL_EVENTS = frozenset({"done", "error"})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def encode_data(data: dict[str, Any]) -> bytes:
+    return _dumps(data).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One SSE event: `id` increases by one within a stream, starting at 1."""
+
+    id: int
+    name: str
+    data: bytes
+
+    @property
+    def terminal(self) -> bool:
+        return self.name in TERMINAL_EVENTS
+
+    def frame(self) -> bytes:
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.name.encode(), self.data)
+
+    def json(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.data)
+        return value
+
+
+def retry_frame(milliseconds: int) -> bytes:
+    return b"retry: %d\n\n" % milliseconds
+
+
+PING_FRAME = b": ping\n\n"
+
+
+class EventEncoder:
+    """Numbers events of one stream and encodes their payloads."""
+
+    __slots__ = ("last_id",)
+
+    def __init__(self, last_id: int = 0) -> None:
+        self.last_id = last_id
+
+    def __call__(self, name: str, data: dict[str, Any]) -> Event:
+        self.last_id += 1
+        return Event(self.last_id, name, encode_data(data))

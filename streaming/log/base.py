@@ -1,0 +1,143 @@
+"""The stream log: where a generation's events live, so readers can come and go.
+
+A generation appends numbered events; readers replay from any id and then follow. The log
+also carries the small amount of coordination that must work across processes: who owns
+a stream, whether a reader is attached (for orphan cancellation), whether the generating
+process is still alive (so a reader never waits forever on a crashed one), and cancel
+requests from any process.
+
+Liveness is kept as expiring flags rather than timestamps, so every process judges it by
+one clock: the store's.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
+
+from ..events import Event
+
+logger = logging.getLogger("sserelay.streamlog")
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    id: str
+    owner: str
+    model: str
+    provider: str
+    plan: str
+    max_tokens: int
+    created_at: float
+    status: str = "running"
+
+    def as_dict(self) -> dict[str, str | int | float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """What the supervisor of a running stream needs to know, read in one round trip."""
+
+    cancel_requested: bool
+    reader_attached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """What a waiting reader needs to know: `status`, and whether the process generating
+    a running stream still renews its lease (None = the stream is gone)."""
+
+    status: str
+    generating: bool
+
+
+class StreamLog(abc.ABC):
+    """Storage for streams. Every key written expires (`ttl_s` after the stream ends,
+    `ttl_s + max_duration_s` while it runs)."""
+
+    def __init__(self, *, ttl_s: float, max_duration_s: float, max_events: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_duration_s = max_duration_s
+        self.max_events = max_events
+
+    @abc.abstractmethod
+    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+        """Register a stream; a reader counts as attached for `reader_grace_s`, giving the
+        client time to connect, and the creator holds the generation lease."""
+
+    @abc.abstractmethod
+    async def info(self, stream_id: str) -> StreamInfo | None: ...
+
+    @abc.abstractmethod
+    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+        """Append events whose ids continue the stream's sequence."""
+
+    @abc.abstractmethod
+    async def finish(self, stream_id: str, status: str) -> None:
+        """Record the final status and shorten every key's life to `ttl_s`."""
+
+    @abc.abstractmethod
+    async def read(
+        self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
+    ) -> list[Event]:
+        """Events with id > `after`, waiting up to `block_s` for the first one."""
+
+    @abc.abstractmethod
+    async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
+        """A reader is attached (for `grace_s` more); returns the stream's liveness."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, stream_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
+        """Renew the generation lease of streams this process runs; report their control
+        flags. One call for all of a process's streams."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise `StreamLogError` if the store cannot be reached."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LogWriter:
+    """Appends a generation's events without making the generation wait for the store.
+
+    Events queue up while one append is in flight and go in the next one, so an idle
+    stream writes each event at once (no added latency) and a busy one writes in
+    batches (fewer round trips). Order is kept; `close` waits for everything.
+    """
+
+    def __init__(self, log: StreamLog, stream_id: str) -> None:
+        self._log = log
+        self._id = stream_id
+        self._pending: list[Event] = []
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    def add(self, event: Event) -> None:
+        self._pending.append(event)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._log.append(self._id, batch)
+        except Exception as exc:
+            self.error = exc
+            logger.error("stream %s: cannot append to the stream log: %s", self._id, exc)
+            self._pending.clear()
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        while self._task is not None:
+            await asyncio.shield(self._task)

@@ -1,0 +1,163 @@
+"""The stream log in Redis Streams: shared by every process, so a stream started on one
+can be read and resumed on another.
+
+Keys (all under one hash tag per stream, so they share a Cluster slot):
+
+    {prefix}s:{<id>}:ev   Redis Stream; entry id 0-<event id>, fields n (name), d (JSON)
+    {prefix}s:{<id>}:m    hash: the StreamInfo
+    {prefix}s:{<id>}:rd   "a reader is attached" (expires after the grace period)
+    {prefix}s:{<id>}:ls   "the generating process is alive" (its lease)
+    {prefix}s:{<id>}:cx   "cancel requested"
+
+Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .._exceptions import StreamLogError
+from ..events import Event
+from .base import Control, Liveness, StreamInfo, StreamLog
+
+_INT_FIELDS = ("max_tokens",)
+_FLOAT_FIELDS = ("created_at",)
+
+
+class RedisStreamLog(StreamLog):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "sserelay:",
+        ttl_s: float,
+        max_duration_s: float,
+        max_events: int,
+    ) -> None:
+        super().__init__(ttl_s=ttl_s, max_duration_s=max_duration_s, max_events=max_events)
+        self._r = client
+        self._prefix = prefix
+        self._live_ms = int((ttl_s + max_duration_s) * 1000)
+        self._ttl_ms = int(ttl_s * 1000)
+
+    def _key(self, stream_id: str, kind: str) -> str:
+        return f"{self._prefix}s:{{{stream_id}}}:{kind}"
+
+    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+        meta = self._key(info.id, "m")
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hset(meta, mapping={k: str(v) for k, v in info.as_dict().items()})
+                pipe.pexpire(meta, self._live_ms)
+                pipe.set(self._key(info.id, "rd"), 1, px=int(reader_grace_s * 1000))
+                pipe.set(self._key(info.id, "ls"), 1, px=int(lease_s * 1000))
+                await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot create stream: {exc}") from exc
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        try:
+            raw: Any = await self._r.hgetall(self._key(stream_id, "m"))
+        except RedisError as exc:
+            raise StreamLogError(f"cannot read stream: {exc}") from exc
+        if not raw:
+            return None
+        fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        for name in _INT_FIELDS:
+            fields[name] = int(fields[name])
+        for name in _FLOAT_FIELDS:
+            fields[name] = float(fields[name])
+        return StreamInfo(**fields)
+
+    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+        key = self._key(stream_id, "ev")
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.xadd(
+                        key,
+                        {"n": event.name, "d": event.data},
+                        id=f"0-{event.id}",
+                        maxlen=self.max_events,
+                        approximate=True,
+                    )
+                pipe.pexpire(key, self._live_ms)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot append to stream: {exc}") from exc
+
+    async def finish(self, stream_id: str, status: str) -> None:
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hset(self._key(stream_id, "m"), "status", status)
+                for kind in ("m", "ev", "cx"):
+                    pipe.pexpire(self._key(stream_id, kind), self._ttl_ms)
+                pipe.delete(self._key(stream_id, "ls"), self._key(stream_id, "rd"))
+                await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot finish stream: {exc}") from exc
+
+    async def read(
+        self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
+    ) -> list[Event]:
+        key = self._key(stream_id, "ev")
+        block = max(1, int(block_s * 1000)) if block_s > 0 else None
+        try:
+            reply: Any = await self._r.xread({key: f"0-{after}"}, count=limit, block=block)
+        except RedisError as exc:
+            raise StreamLogError(f"cannot read stream: {exc}") from exc
+        if not reply:
+            return []
+        entries = reply[0][1]
+        return [
+            Event(int(entry_id.split(b"-", 1)[1]), fields[b"n"].decode(), fields[b"d"])
+            for entry_id, fields in entries
+        ]
+
+    async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hget(self._key(stream_id, "m"), "status")
+                pipe.exists(self._key(stream_id, "ls"))
+                pipe.set(self._key(stream_id, "rd"), 1, px=int(grace_s * 1000))
+                status, leased, _ = await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot reach the stream log: {exc}") from exc
+        if status is None:
+            return None
+        return Liveness(status.decode(), bool(leased))
+
+    async def request_cancel(self, stream_id: str) -> None:
+        try:
+            await self._r.set(self._key(stream_id, "cx"), 1, px=self._live_ms)
+        except RedisError as exc:
+            raise StreamLogError(f"cannot cancel stream: {exc}") from exc
+
+    async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
+        ids = list(stream_ids)
+        if not ids:
+            return {}
+        lease_ms = int(lease_s * 1000)
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for stream_id in ids:
+                    pipe.set(self._key(stream_id, "ls"), 1, px=lease_ms)
+                    pipe.exists(self._key(stream_id, "cx"))
+                    pipe.exists(self._key(stream_id, "rd"))
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot renew streams: {exc}") from exc
+        return {
+            stream_id: Control(bool(replies[3 * i + 1]), bool(replies[3 * i + 2]))
+            for i, stream_id in enumerate(ids)
+        }
+
+    async def ping(self) -> None:
+        try:
+            await self._r.ping()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot reach Redis: {exc}") from exc

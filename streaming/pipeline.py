@@ -1,0 +1,320 @@
+"""The event pipeline: provider chunks in, numbered SSE events out.
+
+    provider ─ pump (normalise, timeouts, retries) ─▶ queue ─▶ coalesce ─▶ meter ─▶ encode
+
+The pump runs in its own task so that reading the provider never waits on whoever
+consumes the events, and so the coalescer can wait on a queue with a deadline (waiting
+on another generator with a deadline would cancel it). Closing the event iterator
+cancels the pump, which closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._exceptions import UpstreamError
+from .chunks import Chunk, Stop, TextDelta, Usage
+from .events import Event, EventEncoder
+from .providers.base import GenerationRequest, Provider, estimate_tokens
+from .upstream import UpstreamPolicy, pump
+
+logger = logging.getLogger("sserelay.pipeline")
+
+Item = TextDelta | Usage | Stop
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        usd = input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok
+        return round(usd / 1_000_000, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    coalesce_window_s: float = 0.01
+    coalesce_max_chars: int = 2048
+    progress_interval_s: float = 0.25
+    upstream: UpstreamPolicy = field(default_factory=UpstreamPolicy)
+
+
+async def coalesce(
+    queue: asyncio.Queue[Chunk | BaseException], window_s: float, max_chars: int
+) -> AsyncIterator[Item]:
+    """Merge text that arrives close together into one delta.
+
+    The first text after a quiet spell goes out at once (time to first token is never
+    delayed); text arriving within `window_s` of the previous delta is held and merged,
+    so a fast provider yields at most one delta per window instead of one per token.
+    Anything else (usage, stop, an error) flushes held text first, so text received
+    before a failure is always delivered.
+    """
+    loop = asyncio.get_running_loop()
+    parts: list[str] = []
+    tokens = size = 0
+    hold_until = 0.0
+    while True:
+        item: Chunk | BaseException | None
+        if parts and queue.empty():
+            item = None
+            delay = hold_until - loop.time()
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        item = await queue.get()
+                except TimeoutError:
+                    item = None
+            if item is None:
+                yield TextDelta("".join(parts), tokens)
+                parts.clear()
+                tokens = size = 0
+                hold_until = loop.time() + window_s
+                continue
+        else:
+            item = await queue.get()
+        if isinstance(item, TextDelta):
+            parts.append(item.text)
+            tokens += item.tokens
+            size += len(item.text)
+            if size >= max_chars or loop.time() >= hold_until:
+                yield TextDelta("".join(parts), tokens)
+                parts.clear()
+                tokens = size = 0
+                hold_until = loop.time() + window_s
+            continue
+        if parts:
+            yield TextDelta("".join(parts), tokens)
+            parts.clear()
+            tokens = size = 0
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if isinstance(item, Stop):
+            return
+
+
+class Meter:
+    """Running counts for one stream: what it has cost so far, and what it will cost.
+
+    Estimates (about one token per upstream chunk, four characters per input token) are
+    replaced by the provider's reported usage as soon as it arrives.
+    """
+
+    def __init__(
+        self,
+        *,
+        pricing: Pricing,
+        max_tokens: int,
+        expected_tokens: int,
+        input_estimate: int,
+        progress_interval_s: float,
+        started: float,
+    ) -> None:
+        self.pricing = pricing
+        self.max_tokens = max_tokens
+        self.expected_tokens = max(1, expected_tokens)
+        self.input_tokens = input_estimate
+        self.output_tokens = 0
+        self.reported_output: int | None = None
+        self.chars = 0
+        self.started = started
+        self.first_token_at: float | None = None
+        self.percent = 0.0
+        self.interval = progress_interval_s
+        self.next_progress = 0.0
+
+    @property
+    def cost_usd(self) -> float:
+        return self.pricing.cost(self.input_tokens, self.output_tokens)
+
+    @property
+    def ttft_ms(self) -> int | None:
+        if self.first_token_at is None:
+            return None
+        return round((self.first_token_at - self.started) * 1000)
+
+    def usage(self) -> dict[str, int]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+    def progress(self, now: float, *, final: bool = False) -> dict[str, Any]:
+        out = self.output_tokens
+        elapsed = now - self.started
+        since_first = now - self.first_token_at if self.first_token_at is not None else 0.0
+        tps = out / since_first if since_first > 0 else 0.0
+        if final:
+            percent = 100.0
+            eta_ms: int | None = 0
+            projected = self.cost_usd
+        else:
+            expected = max(self.expected_tokens, out)
+            percent = min(99.0, round(out * 100 / expected, 1))
+            remaining = expected - out
+            eta_ms = round(remaining / tps * 1000) if tps > 0 else None
+            projected = self.pricing.cost(self.input_tokens, expected)
+        self.percent = percent = max(self.percent, percent)  # monotone, whatever estimates do
+        return {
+            "output_tokens": out,
+            "max_tokens": self.max_tokens,
+            "percent": percent,
+            "tokens_per_second": round(tps, 2),
+            "elapsed_ms": round(elapsed * 1000),
+            "eta_ms": eta_ms,
+            "cost_usd": self.cost_usd,
+            "projected_cost_usd": projected,
+        }
+
+
+async def meter(
+    items: AsyncIterator[Item], state: Meter, clock: Callable[[], float]
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Turn text and usage into `delta` and (rate-limited) `progress` events; on `Stop`,
+    one last `progress` at 100 % and `done` with the provider's usage."""
+    async for item in items:
+        if isinstance(item, TextDelta):
+            now = clock()
+            if state.first_token_at is None:
+                state.first_token_at = now
+            index = state.chars
+            state.chars += len(item.text)
+            state.output_tokens += item.tokens
+            yield "delta", {"text": item.text, "index": index}
+            if now >= state.next_progress:
+                state.next_progress = now + state.interval
+                yield "progress", state.progress(now)
+        elif isinstance(item, Usage):
+            if item.input_tokens is not None:
+                state.input_tokens = item.input_tokens
+            if item.output_tokens is not None:
+                state.reported_output = item.output_tokens
+        else:
+            if state.reported_output is not None:
+                state.output_tokens = state.reported_output
+            now = clock()
+            yield "progress", state.progress(now, final=True)
+            yield "done", {
+                "stop_reason": item.reason,
+                "usage": state.usage(),
+                "cost_usd": state.cost_usd,
+                "ttft_ms": state.ttft_ms,
+                "duration_ms": round((now - state.started) * 1000),
+            }
+            return
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a stream ended, for billing, metrics and logs. `status` is one of
+    running, done, error, cancelled, orphaned, client_gone."""
+
+    status: str = "running"
+    stop_reason: str | None = None
+    error_code: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_ms: int | None = None
+    duration_ms: int = 0
+    retries: int = 0
+
+
+class Generation:
+    """One request's trip through the pipeline, as a sequence of numbered events that
+    always ends with `done` or `error` (unless the consumer cancels it, in which case
+    `abort` produces the terminal event)."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        request: GenerationRequest,
+        *,
+        start_data: dict[str, Any],
+        pricing: Pricing,
+        options: PipelineOptions,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.provider = provider
+        self.request = request
+        self.options = options
+        self.clock = clock
+        self.start_data = start_data
+        self.encode = EventEncoder()
+        expected = provider.expected_output_tokens(request) or request.max_tokens
+        self.meter = Meter(
+            pricing=pricing,
+            max_tokens=request.max_tokens,
+            expected_tokens=min(expected, request.max_tokens),
+            input_estimate=estimate_tokens(request.prompt_chars()),
+            progress_interval_s=options.progress_interval_s,
+            started=clock(),
+        )
+        self.outcome = Outcome()
+
+    async def events(self) -> AsyncIterator[Event]:
+        encode = self.encode
+        yield encode("start", self.start_data)
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        task = asyncio.create_task(self._pump(queue))
+        try:
+            items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
+            async for name, data in meter(items, self.meter, self.clock):
+                if name == "done":
+                    self.end("done", stop_reason=data["stop_reason"])
+                yield encode(name, data)
+        except UpstreamError as exc:
+            yield self.abort(exc.code, exc.message, retryable=exc.retryable, status="error")
+        except Exception:
+            logger.exception("stream failed")
+            yield self.abort("internal_error", "internal error", retryable=True, status="error")
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _pump(self, queue: asyncio.Queue[Chunk | BaseException]) -> None:
+        def count_retry(error: UpstreamError, attempt: int) -> None:
+            self.outcome.retries = attempt
+
+        try:
+            await pump(
+                self.provider, self.request, self.options.upstream, queue.put_nowait,
+                on_retry=count_retry,
+            )
+        except Exception as exc:  # a bug in a provider must still end the stream visibly
+            queue.put_nowait(exc)
+
+    def abort(
+        self, code: str, message: str, *, retryable: bool = False, status: str | None = None
+    ) -> Event:
+        """The terminal `error` event, carrying what was used so far: a partial stream is
+        billed for exactly what it consumed."""
+        self.end(status or code, error_code=code)
+        return self.encode(
+            "error",
+            {
+                "code": code,
+                "message": message,
+                "retryable": retryable,
+                "usage": self.meter.usage(),
+                "cost_usd": self.meter.cost_usd,
+            },
+        )
+
+    def end(
+        self, status: str, *, stop_reason: str | None = None, error_code: str | None = None
+    ) -> None:
+        """Record how the stream ended, with what it consumed up to now."""
+        m, o = self.meter, self.outcome
+        o.status, o.stop_reason, o.error_code = status, stop_reason, error_code
+        o.input_tokens, o.output_tokens, o.cost_usd = m.input_tokens, m.output_tokens, m.cost_usd
+        o.ttft_ms = m.ttft_ms
+        o.duration_ms = round((self.clock() - m.started) * 1000)

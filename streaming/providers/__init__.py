@@ -1,0 +1,17 @@
+"""Providers: Anthropic (official SDK), OpenAI-compatible (httpx), and the simulator."""
+
+from .anthropic import AnthropicProvider
+from .base import GenerationRequest, Message, Provider, estimate_tokens
+from .openai import OpenAIProvider
+from .simulated import SimulatedProvider, simulated_text
+
+__all__ = [
+    "AnthropicProvider",
+    "GenerationRequest",
+    "Message",
+    "OpenAIProvider",
+    "Provider",
+    "SimulatedProvider",
+    "estimate_tokens",
+    "simulated_text",
+]

@@ -1,0 +1,59 @@
+"""What a provider is, to the rest of sserelay."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..chunks import Chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A validated request, already mapped to the provider's model id."""
+
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int
+    system: str | None = None
+    temperature: float | None = None
+    metadata: Mapping[str, Any] | None = None
+    request_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages) + len(self.system or "")
+
+
+def estimate_tokens(chars: int) -> int:
+    """About four characters a token for English text; good enough for a projection
+    that the provider's reported usage corrects at the end."""
+    return max(1, (chars + 3) // 4)
+
+
+class Provider(Protocol):
+    """A source of normalised chunks for one request.
+
+    `stream` raises `UpstreamError` for every failure; closing the iterator early
+    (the consumer went away) must close the upstream connection, so nobody pays for
+    tokens nobody reads.
+    """
+
+    name: str
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    def expected_output_tokens(self, request: GenerationRequest) -> int | None:
+        """How long the answer will probably be, for progress and ETA; None = unknown."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,142 @@
+"""Any OpenAI-compatible chat-completions server (vLLM, llama.cpp, Ollama, OpenAI...)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from ..chunks import Chunk, Stop, TextDelta, Usage
+from . import _errors
+from .base import GenerationRequest
+
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "content_filter": "refusal",
+    "tool_calls": "tool_use",
+}
+
+
+class OpenAIProvider:
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        connect_timeout_s: float = 5.0,
+        max_connections: int = 1000,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        headers = {"accept": "text/event-stream"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        # One pool per provider for the life of the app; read timeouts are enforced by
+        # the pipeline (first token / between chunks), not by httpx.
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(None, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
+            transport=transport,
+        )
+
+    def expected_output_tokens(self, request: GenerationRequest) -> int | None:
+        return None
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        messages: list[dict[str, str]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        return body
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        try:
+            async with self._client.stream(
+                "POST", "/chat/completions", json=self._body(request), headers=request.headers
+            ) as response:
+                if response.status_code != 200:
+                    raise await _failed(response)
+                async for chunk in _parse(response):
+                    yield chunk
+        except httpx.TimeoutException as exc:
+            raise _errors.connection_error(f"timed out connecting to the provider: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise _errors.dropped_error() if _mid_body(exc) else _errors.connection_error(
+                f"cannot reach the provider: {exc}"
+            ) from exc
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _mid_body(exc: httpx.TransportError) -> bool:
+    return isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
+
+
+async def _failed(response: httpx.Response) -> Exception:
+    body = await response.aread()
+    message = f"provider answered {response.status_code}"
+    kind = None
+    try:
+        error = json.loads(body).get("error") or {}
+        message = str(error.get("message") or message)
+        kind = error.get("type")
+    except (ValueError, AttributeError):
+        pass
+    return _errors.status_error(
+        response.status_code,
+        message,
+        retry_after=_errors.parse_retry_after(response.headers),
+        kind=kind if isinstance(kind, str) else None,
+    )
+
+
+async def _parse(response: httpx.Response) -> AsyncIterator[Chunk]:
+    finish: str | None = None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # comments, event names and blank separators carry nothing here
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            yield Stop(_STOP_REASONS.get(finish or "stop", finish or "end_turn"))
+            return
+        try:
+            data = json.loads(payload)
+        except ValueError as exc:
+            raise _errors.protocol_error("the provider sent a line that is not JSON") from exc
+        if not isinstance(data, dict):
+            raise _errors.protocol_error("the provider sent an unexpected chunk")
+        if "error" in data:
+            error = data["error"] or {}
+            raise _errors.status_error(
+                503, str(error.get("message") or "provider error"), kind=error.get("type")
+            )
+        for choice in data.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                yield TextDelta(text, 1)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        usage = data.get("usage")
+        if usage:
+            yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    # The body ended without [DONE]: never pass a truncated answer off as complete.
+    raise _errors.dropped_error()

@@ -1,0 +1,89 @@
+"""A provider with no network: deterministic text at a configurable pace.
+
+It is the embedded default so that sserelay runs with no keys at all, and its output is
+a pure function of the request so tests can compare the relayed text byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from ..chunks import Chunk, Stop, TextDelta, Usage
+from .base import GenerationRequest, estimate_tokens
+
+_WORDS = (
+    "stream token relay browser event server latency budget model cost plan window "
+    "progress signal reconnect resume proxy cache prompt answer user request replay "
+    "bytes socket limit quota metric trace ticket delta ready simple fast careful "
+    "honest clear small exact steady bright quiet gentle river mountain garden light"
+).split()
+
+
+def simulated_text(request: GenerationRequest, tokens: int) -> str:
+    """The exact text the simulator streams for `request` when it produces `tokens`."""
+    return "".join(_tokens(request, tokens))
+
+
+def _seed(request: GenerationRequest) -> int:
+    last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+    return int.from_bytes(hashlib.sha256(last_user.encode()).digest()[:8], "big")
+
+
+def _tokens(request: GenerationRequest, count: int) -> list[str]:
+    seed = _seed(request)
+    words = _WORDS
+    out: list[str] = []
+    for i in range(count):
+        word = words[(seed + i * 7919 + (i * i) % 13) % len(words)]
+        if i == 0:
+            word = word.capitalize()
+        end = "." if (i + 1) % 12 == 0 or i == count - 1 else ""
+        out.append(("" if i == 0 else " ") + word + end)
+    return out
+
+
+class SimulatedProvider:
+    def __init__(
+        self,
+        name: str,
+        *,
+        tokens_per_second: float = 40.0,
+        response_tokens: int = 120,
+        ttft_ms: float = 150.0,
+    ) -> None:
+        self.name = name
+        self.tokens_per_second = tokens_per_second
+        self.response_tokens = response_tokens
+        self.ttft_s = ttft_ms / 1000
+
+    def _length(self, request: GenerationRequest) -> int:
+        return min(self.response_tokens, request.max_tokens)
+
+    def expected_output_tokens(self, request: GenerationRequest) -> int | None:
+        return self._length(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        length = self._length(request)
+        yield Usage(input_tokens=estimate_tokens(request.prompt_chars()))
+        await asyncio.sleep(self.ttft_s)
+        gap = 1 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        for i, token in enumerate(_tokens(request, length)):
+            if i:
+                # Pace against a schedule, not per sleep, so timer slack does not
+                # accumulate into a slower stream than configured.
+                due += gap
+                delay = due - loop.time()
+                await asyncio.sleep(delay if delay > 0 else 0)
+            yield TextDelta(token, 1)
+        yield Usage(output_tokens=length)
+        yield Stop("max_tokens" if length < self.response_tokens else "end_turn")
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None

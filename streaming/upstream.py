@@ -1,0 +1,120 @@
+"""Reading a provider: normalising its chunks, timeouts, and retries.
+
+Retrying is only safe while nothing has been relayed: once a client has seen text, a
+second attempt would produce different text. So the reader holds back everything that
+precedes the first text (input usage, say), and retries only until it lets text through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+
+from ._exceptions import UpstreamError
+from .chunks import Chunk, Stop, TextDelta, Usage
+from .providers.base import GenerationRequest, Provider
+
+logger = logging.getLogger("sserelay.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPolicy:
+    first_token_timeout_s: float = 60.0
+    idle_timeout_s: float = 30.0
+    max_attempts: int = 3
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 8.0
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter (AWS architecture blog), but never earlier than the provider asked."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(0, ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max_s))
+        return delay
+
+
+async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]:
+    """Drop empty text, stop at the first `Stop`, and refuse a stream that just ends:
+    a provider that closes without saying it finished has truncated the answer."""
+    async for chunk in chunks:
+        if isinstance(chunk, TextDelta):
+            if chunk.text:
+                yield chunk
+        elif isinstance(chunk, Usage):
+            if chunk.input_tokens is not None or chunk.output_tokens is not None:
+                yield chunk
+        else:
+            yield chunk
+            return
+    raise UpstreamError(
+        "the provider closed the stream before it finished",
+        code="upstream_dropped",
+        retryable=True,
+    )
+
+
+Sink = Callable[[Chunk | BaseException], None]
+
+
+async def pump(
+    provider: Provider,
+    request: GenerationRequest,
+    policy: UpstreamPolicy,
+    put: Sink,
+    *,
+    on_retry: Callable[[UpstreamError, int], None] | None = None,
+) -> None:
+    """Read the provider into `put` until it stops, with retries and read timeouts.
+
+    Every chunk ends up in `put`, followed by nothing after a `Stop`, or by the
+    exception that ended the stream. `put` must not block: the timeouts here bound only
+    time spent waiting on the provider, never time spent by whoever consumes.
+    """
+    loop = asyncio.get_running_loop()
+    attempt = 0
+    while True:
+        attempt += 1
+        held: list[Chunk] = []
+        relayed = False
+        source = normalise(provider.stream(request))
+        try:
+            async with asyncio.timeout(policy.first_token_timeout_s) as deadline:
+                async for chunk in source:
+                    deadline.reschedule(loop.time() + policy.idle_timeout_s)
+                    if relayed:
+                        put(chunk)
+                    elif isinstance(chunk, TextDelta | Stop):
+                        relayed = True
+                        for early in held:
+                            put(early)
+                        put(chunk)
+                    else:
+                        held.append(chunk)
+            return
+        except TimeoutError:
+            error = UpstreamError(
+                "the provider sent nothing for too long"
+                if relayed
+                else "the provider did not start answering in time",
+                code="upstream_timeout",
+                retryable=True,
+            )
+        except UpstreamError as exc:
+            error = exc
+        finally:
+            await source.aclose()
+        if relayed or not error.retryable or attempt >= policy.max_attempts:
+            put(error)
+            return
+        delay = policy.backoff(attempt, error.retry_after)
+        logger.info(
+            "retrying provider %s after %s (attempt %d, in %.2fs)",
+            provider.name, error.code, attempt, delay,
+        )
+        if on_retry is not None:
+            on_retry(error, attempt)
+        await asyncio.sleep(delay)
