@@ -76,7 +76,8 @@ class RedisStreamLog(StreamLog):
     async def append(self, stream_id: str, events: Sequence[Event]) -> None:
         key = self._key(stream_id, "ev")
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
+            # MULTI/EXEC: a blocked reader wakes once for the whole batch, not per event.
+            async with self._r.pipeline(transaction=True) as pipe:
                 for event in events:
                     pipe.xadd(
                         key,

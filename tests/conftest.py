@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from app import Settings
+from bench.fake_upstream import FakeUpstreamServer
+from tests.support import SECRET, RedisServer, ServerThread, write_config
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private Redis for the run, unless REDIS_URL names one to use instead."""
+    given = os.environ.get("REDIS_URL")
+    if given:
+        yield given
+        return
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstreamServer]:
+    with FakeUpstreamServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean_upstream(request: pytest.FixtureRequest) -> None:
+    if "upstream" in request.fixturenames:
+        request.getfixturevalue("upstream").app.clear()
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer) -> Path:
+    return write_config(tmp_path_factory.mktemp("config"), upstream.url)
+
+
+def relay_settings(config_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "config": config_path,
+        "jwt_secret": SECRET,
+        "upstream_backoff_base_s": 0.01,
+        "upstream_backoff_max_s": 0.2,
+        "upstream_first_token_timeout_s": 3,
+        "upstream_idle_timeout_s": 1.5,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def relay(config_path: Path) -> Iterator[ServerThread]:
+    """sserelay with in-memory stores."""
+    server = ServerThread(relay_settings(config_path))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def relay_redis(config_path: Path, redis_url: str) -> Iterator[ServerThread]:
+    """sserelay with its stream log in Redis."""
+    server = ServerThread(relay_settings(config_path, redis_url=redis_url,
+                                         redis_prefix="t-thread:"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_relay(request: pytest.FixtureRequest) -> ServerThread:
+    server: ServerThread = request.getfixturevalue(
+        "relay" if request.param == "memory" else "relay_redis"
+    )
+    return server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as c:
+        yield c

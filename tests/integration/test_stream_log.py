@@ -1,0 +1,134 @@
+"""One contract, two stores: the memory and the Redis stream log must behave alike."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from streaming import Event, EventEncoder, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog
+from streaming.log import LogWriter
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
+    if request.param == "memory":
+        yield MemoryStreamLog(ttl_s=2, max_duration_s=2, max_events=1000)
+        return
+    client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+    try:
+        yield RedisStreamLog(client, prefix=f"t-{uuid.uuid4().hex[:6]}:", ttl_s=2,
+                             max_duration_s=2, max_events=1000)
+    finally:
+        await client.aclose()
+
+
+def _info(owner: str = "alice") -> StreamInfo:
+    return StreamInfo(id=uuid.uuid4().hex, owner=owner, model="m", provider="p", plan="pro",
+                      max_tokens=10, created_at=time.time())
+
+
+def _events(n: int, start: int = 0) -> list[Event]:
+    encode = EventEncoder(start)
+    return [encode("delta", {"text": f"t{i}", "index": i}) for i in range(n)]
+
+
+async def test_create_and_info_round_trip(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    assert await log.info(info.id) == info
+    assert await log.info("missing") is None
+
+
+async def test_append_then_read_after_any_id(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    events = _events(10)
+    await log.append(info.id, events[:4])
+    await log.append(info.id, events[4:])
+    assert await log.read(info.id, 0) == events
+    assert await log.read(info.id, 7) == events[7:]
+    assert await log.read(info.id, 10) == []
+    assert await log.read(info.id, 2, limit=3) == events[2:5]
+
+
+async def test_blocking_read_wakes_on_append(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    events = _events(2)
+    reader = asyncio.create_task(log.read(info.id, 0, block_s=5))
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    await log.append(info.id, events)
+    assert await asyncio.wait_for(reader, 2) == events
+    started = time.monotonic()
+    assert await log.read(info.id, 2, block_s=0.1) == []
+    assert time.monotonic() - started >= 0.09
+
+
+async def test_finish_sets_status_and_expires_everything(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    await log.append(info.id, _events(3))
+    await log.finish(info.id, "done")
+    stored = await log.info(info.id)
+    assert stored is not None and stored.status == "done"
+    liveness = await log.touch_reader(info.id, 5)
+    assert liveness is not None and liveness.status == "done"
+    await asyncio.sleep(2.3)  # ttl_s = 2
+    assert await log.info(info.id) is None
+    assert await log.read(info.id, 0) == []
+
+
+async def test_running_stream_keys_have_a_ttl(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    await log.append(info.id, _events(1))
+    await asyncio.sleep(4.3)  # ttl_s + max_duration_s = 4
+    assert await log.info(info.id) is None
+
+
+async def test_reader_presence_and_cancel_flags(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=0.3, lease_s=5)
+    controls = await log.renew([info.id], 5)
+    assert controls[info.id].reader_attached and not controls[info.id].cancel_requested
+    await asyncio.sleep(0.4)
+    assert not (await log.renew([info.id], 5))[info.id].reader_attached
+    await log.touch_reader(info.id, 0.5)
+    assert (await log.renew([info.id], 5))[info.id].reader_attached
+    await log.request_cancel(info.id)
+    assert (await log.renew([info.id], 5))[info.id].cancel_requested
+
+
+async def test_lease_lapses_when_not_renewed(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=0.2)
+    liveness = await log.touch_reader(info.id, 5)
+    assert liveness is not None and liveness.generating and liveness.status == "running"
+    await asyncio.sleep(0.3)
+    liveness = await log.touch_reader(info.id, 5)
+    assert liveness is not None and not liveness.generating
+    await log.renew([info.id], 5)
+    liveness = await log.touch_reader(info.id, 5)
+    assert liveness is not None and liveness.generating
+
+
+async def test_writer_batches_in_order(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    writer = LogWriter(log, info.id)
+    events = _events(200)
+    for event in events:
+        writer.add(event)
+        if event.id % 17 == 0:
+            await asyncio.sleep(0)
+    await writer.close()
+    assert writer.error is None
+    assert await log.read(info.id, 0, limit=1000) == events

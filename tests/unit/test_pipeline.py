@@ -1,0 +1,230 @@
+"""Each pipeline stage alone, driven by scripted inputs with controlled timing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from streaming import (
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Message,
+    Meter,
+    PipelineOptions,
+    Pricing,
+    Stop,
+    TextDelta,
+    UpstreamError,
+    UpstreamPolicy,
+    Usage,
+    coalesce,
+    meter,
+    normalise,
+    pump,
+)
+
+REQUEST = GenerationRequest(model="m", messages=(Message("user", "hello there"),), max_tokens=50)
+
+
+class Scripted:
+    """A provider whose attempts are scripted: each attempt is a list of chunks,
+    exceptions to raise, or floats (seconds to sleep)."""
+
+    name = "scripted"
+
+    def __init__(self, *attempts: Sequence[Any], expected: int | None = None) -> None:
+        self.attempts = list(attempts)
+        self.calls = 0
+        self.closed = 0
+        self.expected = expected
+
+    def expected_output_tokens(self, request: GenerationRequest) -> int | None:
+        return self.expected
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        script = self.attempts[min(self.calls, len(self.attempts) - 1)]
+        self.calls += 1
+        try:
+            for step in script:
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                elif isinstance(step, BaseException):
+                    raise step
+                else:
+                    yield step
+        finally:
+            self.closed += 1
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _list(it: AsyncIterator[Any]) -> list[Any]:
+    return [x async for x in it]
+
+
+async def test_normalise_drops_empty_text_and_refuses_a_stream_that_just_ends() -> None:
+    async def source() -> AsyncIterator[Chunk]:
+        yield TextDelta("")
+        yield Usage()
+        yield TextDelta("a")
+
+    with pytest.raises(UpstreamError) as info:
+        await _list(normalise(source()))
+    assert info.value.code == "upstream_dropped"
+
+
+async def test_coalesce_sends_first_text_at_once_and_merges_a_burst() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for t in ["a", "b", "c", "d"]:
+        queue.put_nowait(TextDelta(t))
+    queue.put_nowait(Stop("end_turn"))
+    out = await _list(coalesce(queue, window_s=1.0, max_chars=100))
+    # The first delta is never held; the rest of the burst is merged into one.
+    assert out == [TextDelta("a", 1), TextDelta("bcd", 3), Stop("end_turn")]
+
+
+async def test_coalesce_bounds_by_size_and_flushes_on_timer() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for t in ["x", "yy", "zz", "w"]:
+        queue.put_nowait(TextDelta(t))
+    items = coalesce(queue, window_s=0.05, max_chars=3)
+    assert await items.__anext__() == TextDelta("x", 1)
+    assert await items.__anext__() == TextDelta("yyzz", 2)  # size bound reached
+    # "w" is held until the window passes, then flushed without any further input.
+    assert await asyncio.wait_for(items.__anext__(), 2) == TextDelta("w", 1)
+    queue.put_nowait(Stop("end_turn"))
+    assert await items.__anext__() == Stop("end_turn")
+
+
+async def test_coalesce_delivers_held_text_before_an_error() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    error = UpstreamError("boom", code="upstream_dropped")
+    for item in [TextDelta("a"), TextDelta("b"), error]:
+        queue.put_nowait(item)
+    items = coalesce(queue, window_s=10, max_chars=100)
+    assert await items.__anext__() == TextDelta("a", 1)
+    assert await items.__anext__() == TextDelta("b", 1)
+    with pytest.raises(UpstreamError):
+        await items.__anext__()
+
+
+async def test_meter_progress_is_rate_limited_monotone_and_ends_at_100() -> None:
+    now = [0.0]
+
+    async def items() -> AsyncIterator[Any]:
+        yield Usage(input_tokens=1000)
+        for i in range(10):
+            now[0] = 1.0 + i * 0.1
+            yield TextDelta("word ", 2)
+        yield Usage(output_tokens=25)
+        now[0] = 2.5
+        yield Stop("end_turn")
+
+    state = Meter(pricing=Pricing(1.0, 10.0), max_tokens=100, expected_tokens=20,
+                  input_estimate=3, progress_interval_s=0.25, started=0.0)
+    events = await _list(meter(items(), state, lambda: now[0]))
+    names = [n for n, _ in events]
+    assert names.count("delta") == 10
+    progress = [d for n, d in events if n == "progress"]
+    # At most one per 250 ms of deltas (0.0 .. 0.9 s -> 4), plus the final one.
+    assert len(progress) == 5
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    assert all(p < 100 for p in percents[:-1])
+    assert names[-2:] == ["progress", "done"]
+    done = events[-1][1]
+    # Corrected to the provider's usage: 1000 in, 25 out.
+    assert done["usage"] == {"input_tokens": 1000, "output_tokens": 25}
+    assert done["cost_usd"] == pytest.approx((1000 * 1.0 + 25 * 10.0) / 1e6)
+    assert done["ttft_ms"] == 1000 and done["duration_ms"] == 2500
+    first = progress[0]
+    assert first["projected_cost_usd"] == pytest.approx((1000 + 20 * 10) / 1e6)
+    # Indices are character offsets: the text can be checked for gaps.
+    deltas = [d for n, d in events if n == "delta"]
+    assert [d["index"] for d in deltas] == [i * 5 for i in range(10)]
+
+
+POLICY = UpstreamPolicy(first_token_timeout_s=0.5, idle_timeout_s=0.3, max_attempts=3,
+                        backoff_base_s=0.001, backoff_max_s=0.01)
+
+
+async def _pump(provider: Scripted, policy: UpstreamPolicy = POLICY) -> list[Any]:
+    out: list[Any] = []
+    await pump(provider, REQUEST, policy, out.append)
+    return out
+
+
+async def test_pump_retries_before_anything_is_relayed() -> None:
+    provider = Scripted(
+        [Usage(input_tokens=5), UpstreamError("busy", code="upstream_rate_limited",
+                                               retryable=True)],
+        [Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")],
+    )
+    out = await _pump(provider)
+    assert provider.calls == 2
+    # The held usage of the failed attempt is gone; the successful attempt's is relayed.
+    assert out == [Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")]
+
+
+async def test_pump_never_retries_after_text_was_relayed() -> None:
+    error = UpstreamError("dropped", code="upstream_dropped", retryable=True)
+    provider = Scripted([TextDelta("partial"), error], [TextDelta("again"), Stop("end_turn")])
+    out = await _pump(provider)
+    assert provider.calls == 1
+    assert out == [TextDelta("partial"), error]
+
+
+async def test_pump_does_not_retry_non_retryable_errors_and_gives_up_after_max() -> None:
+    bad = UpstreamError("no", code="upstream_rejected", retryable=False)
+    assert (await _pump(Scripted([bad])))[-1] is bad
+    busy = UpstreamError("busy", code="upstream_overloaded", retryable=True)
+    provider = Scripted([busy])
+    assert (await _pump(provider))[-1] is busy
+    assert provider.calls == 3
+
+
+async def test_pump_times_out_first_token_and_between_chunks() -> None:
+    slow_start = Scripted([5.0, TextDelta("late")])
+    out = await _pump(slow_start, UpstreamPolicy(first_token_timeout_s=0.05, max_attempts=1))
+    assert out[-1].code == "upstream_timeout"
+    assert slow_start.closed == 1  # the upstream call was closed, not left running
+    stall = Scripted([TextDelta("a"), 5.0, TextDelta("b")])
+    out = await _pump(stall, UpstreamPolicy(idle_timeout_s=0.05))
+    assert out[0] == TextDelta("a") and out[-1].code == "upstream_timeout"
+    assert stall.calls == 1
+
+
+def _generation(provider: Scripted) -> Generation:
+    return Generation(provider, REQUEST, start_data={"stream_id": "x"},
+                      pricing=Pricing(1.0, 2.0), options=PipelineOptions(upstream=POLICY))
+
+
+async def test_generation_numbers_events_and_ends_with_error_on_failure() -> None:
+    provider = Scripted([TextDelta("a"), UpstreamError("gone", code="upstream_dropped",
+                                                       retryable=True)])
+    gen = _generation(provider)
+    events = await _list(gen.events())
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[0].name == "start" and events[-1].name == "error"
+    error = events[-1].json()
+    assert error["code"] == "upstream_dropped" and error["retryable"] is True
+    assert error["usage"]["output_tokens"] == 1
+    assert gen.outcome.status == "error" and gen.outcome.output_tokens == 1
+
+
+async def test_closing_a_generation_closes_the_provider() -> None:
+    provider = Scripted([TextDelta("a"), 10.0, TextDelta("b"), Stop("end_turn")])
+    gen = _generation(provider)
+    events = gen.events()
+    names = [(await events.__anext__()).name for _ in range(3)]
+    assert names == ["start", "delta", "progress"]
+    await events.aclose()
+    assert provider.closed == 1
