@@ -31,9 +31,15 @@ def _settings_error(exc: ValidationError) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {
-        "host": args.host, "port": args.port, "config": args.config,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "config": args.config,
+        }.items()
+        if v is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -52,18 +58,26 @@ def serve(args: argparse.Namespace) -> int:
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    print(f"sserelay: listening on http://{settings.host}:{settings.port} "
-          f"(demo page at /, metrics at /metrics)", file=sys.stderr, flush=True)
+    print(
+        f"sserelay: listening on http://{settings.host}:{settings.port} "
+        f"(demo page at /, metrics at /metrics)",
+        file=sys.stderr,
+        flush=True,
+    )
     common = {
-        "host": settings.host, "port": settings.port, "loop": loop, "http": http,
-        "log_config": None, "access_log": False, "timeout_graceful_shutdown": 30,
+        "host": settings.host,
+        "port": settings.port,
+        "loop": loop,
+        "http": http,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
     }
     if args.workers > 1:
         # Each worker builds its own app from the same environment.
         for key, value in overrides.items():
             os.environ[f"SSERELAY_{key.upper()}"] = str(value)
-        uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers,
-                    **common)  # type: ignore[arg-type]
+        uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     else:
         uvicorn.run(create_app(settings, config), **common)  # type: ignore[arg-type]
     return 0

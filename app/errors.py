@@ -78,7 +78,9 @@ def problem(
     }
     body.update(extra or {})
     return Response(
-        json.dumps(body, ensure_ascii=False), status_code=status, headers=headers,
+        json.dumps(body, ensure_ascii=False),
+        status_code=status,
+        headers=headers,
         media_type=PROBLEM_JSON,
     )
 
@@ -107,8 +109,12 @@ async def _on_streaming(request: Request, exc: Exception) -> Response:
         return problem(404, exc.code, "no such stream")
     if isinstance(exc, StreamLogError):
         logger.error("stream log unavailable: %s", exc.message)
-        return problem(503, exc.code, "stream storage is unavailable; retry shortly",
-                       headers={"Retry-After": "1"})
+        return problem(
+            503,
+            exc.code,
+            "stream storage is unavailable; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, UpstreamError):
         return problem(502, exc.code, exc.message)
     return problem(500, exc.code, exc.message)
@@ -118,7 +124,9 @@ async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     return problem(
-        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
         headers=exc.headers,
     )
 

@@ -41,15 +41,17 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
         routes += auth.dev_routes
     middleware = [Middleware(RequestContextMiddleware)]
     if settings.cors_origin_list:
-        middleware.append(Middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
-            expose_headers=["x-request-id", "retry-after", "location"],
-            allow_credentials=True,
-            max_age=600,
-        ))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origin_list,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
+                expose_headers=["x-request-id", "retry-after", "location"],
+                allow_credentials=True,
+                max_age=600,
+            )
+        )
     return Starlette(
         routes=routes,
         middleware=middleware,

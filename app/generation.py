@@ -49,8 +49,7 @@ async def read_completion(request: Request, max_bytes: int) -> CompletionRequest
         return CompletionRequest.model_validate(raw)
     except ValidationError as exc:
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors()
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
         ]
         raise ProblemError(422, "invalid_request", describe(exc), extra={"errors": errors}) from exc
 
@@ -64,21 +63,29 @@ def prepare(
         raise ProblemError(404, "model_not_found", f"no model named {body.model!r}")
     plan = config.plans[caller.plan]
     if not plan.allows_model(body.model):
-        raise ProblemError(403, "model_not_allowed",
-                           f"plan {caller.plan!r} may not use model {body.model!r}")
+        raise ProblemError(
+            403, "model_not_allowed", f"plan {caller.plan!r} may not use model {body.model!r}"
+        )
     ceiling = min(spec.max_output_tokens, plan.max_tokens or spec.max_output_tokens)
     if body.max_tokens is not None and body.max_tokens > ceiling:
-        raise ProblemError(422, "max_tokens_too_large",
-                           f"max_tokens may be at most {ceiling} for this model and plan",
-                           extra={"max_tokens_limit": ceiling})
+        raise ProblemError(
+            422,
+            "max_tokens_too_large",
+            f"max_tokens may be at most {ceiling} for this model and plan",
+            extra={"max_tokens_limit": ceiling},
+        )
     messages = body.chat()
     if len(messages) > settings.max_messages:
-        raise ProblemError(422, "too_many_messages",
-                           f"at most {settings.max_messages} messages are accepted")
+        raise ProblemError(
+            422, "too_many_messages", f"at most {settings.max_messages} messages are accepted"
+        )
     chars = sum(len(m.content) for m in messages) + len(body.system or "")
     if chars > settings.max_content_chars:
-        raise ProblemError(422, "content_too_long",
-                           f"messages may hold at most {settings.max_content_chars} characters")
+        raise ProblemError(
+            422,
+            "content_too_long",
+            f"messages may hold at most {settings.max_content_chars} characters",
+        )
     return Prepared(
         model=body.model,
         spec=spec,

@@ -23,32 +23,43 @@ class Metrics:
             "sserelay_streams_started", "Streams started", ["route", "plan", "model"], registry=r
         )
         self.streams_finished = Counter(
-            "sserelay_streams_finished", "Streams finished, by outcome",
-            ["route", "plan", "model", "outcome"], registry=r,
+            "sserelay_streams_finished",
+            "Streams finished, by outcome",
+            ["route", "plan", "model", "outcome"],
+            registry=r,
         )
         self.streams_active = Gauge(
-            "sserelay_streams_active", "Resumable streams generating in this process",
+            "sserelay_streams_active",
+            "Resumable streams generating in this process",
             registry=r,
         )
         self.streams_active.set_function(lambda: float(active_streams()))
         self.ttft = Histogram(
-            "sserelay_time_to_first_token_seconds", "Time from request to first text",
-            ["model"], buckets=_LLM_BUCKETS, registry=r,
+            "sserelay_time_to_first_token_seconds",
+            "Time from request to first text",
+            ["model"],
+            buckets=_LLM_BUCKETS,
+            registry=r,
         )
         self.duration = Histogram(
-            "sserelay_stream_duration_seconds", "Stream duration", ["model", "outcome"],
-            buckets=_LLM_BUCKETS, registry=r,
+            "sserelay_stream_duration_seconds",
+            "Stream duration",
+            ["model", "outcome"],
+            buckets=_LLM_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter(
             "sserelay_tokens", "Tokens billed", ["plan", "model", "direction"], registry=r
         )
-        self.cost = Counter("sserelay_cost_usd", "Cost billed in USD", ["plan", "model"],
-                            registry=r)
+        self.cost = Counter(
+            "sserelay_cost_usd", "Cost billed in USD", ["plan", "model"], registry=r
+        )
         self.upstream_retries = Counter(
             "sserelay_upstream_retries", "Upstream attempts retried", ["model"], registry=r
         )
         self.resumes = Counter(
-            "sserelay_stream_resumes", "Readers resuming a stream after Last-Event-ID",
+            "sserelay_stream_resumes",
+            "Readers resuming a stream after Last-Event-ID",
             registry=r,
         )
 

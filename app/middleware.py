@@ -48,7 +48,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [
-                    *message.get("headers", ()), (b"x-request-id", request_id.encode())
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id.encode()),
                 ]
             await send(message)
 
@@ -57,7 +58,9 @@ class RequestContextMiddleware:
         finally:
             access_log.info(
                 "%s %s %d",
-                scope["method"], scope["path"], status,
+                scope["method"],
+                scope["path"],
+                status,
                 extra={
                     "request_id": request_id,
                     "method": scope["method"],

@@ -13,8 +13,9 @@ from .services import Services
 def bearer_token(request: Request) -> str:
     values = request.headers.getlist("authorization")
     if not values:
-        raise NotAuthenticated("send an access token: Authorization: Bearer <token>",
-                               code="missing_credentials")
+        raise NotAuthenticated(
+            "send an access token: Authorization: Bearer <token>", code="missing_credentials"
+        )
     if len(values) > 1:
         raise NotAuthenticated("send exactly one Authorization header")
     scheme, _, token = values[0].partition(" ")

@@ -51,14 +51,24 @@ class Services:
         """Runs exactly once per stream, however it ended."""
         self.metrics.stream_finished(route, info.plan, info.model, outcome)
         stream_log.info(
-            "stream %s %s", info.id, outcome.status,
+            "stream %s %s",
+            info.id,
+            outcome.status,
             extra={
-                "stream_id": info.id, "subject": info.owner, "plan": info.plan,
-                "model": info.model, "provider": info.provider, "route": route,
-                "outcome": outcome.status, "stop_reason": outcome.stop_reason,
-                "error_code": outcome.error_code, "ttft_ms": outcome.ttft_ms,
-                "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
-                "cost_usd": outcome.cost_usd, "duration_ms": outcome.duration_ms,
+                "stream_id": info.id,
+                "subject": info.owner,
+                "plan": info.plan,
+                "model": info.model,
+                "provider": info.provider,
+                "route": route,
+                "outcome": outcome.status,
+                "stop_reason": outcome.stop_reason,
+                "error_code": outcome.error_code,
+                "ttft_ms": outcome.ttft_ms,
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "cost_usd": outcome.cost_usd,
+                "duration_ms": outcome.duration_ms,
                 "retries": outcome.retries,
             },
         )
@@ -75,18 +85,24 @@ class Services:
 def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provider:
     if spec.kind == "simulated":
         return SimulatedProvider(
-            name, tokens_per_second=spec.tokens_per_second,
-            response_tokens=spec.response_tokens, ttft_ms=spec.ttft_ms,
+            name,
+            tokens_per_second=spec.tokens_per_second,
+            response_tokens=spec.response_tokens,
+            ttft_ms=spec.ttft_ms,
         )
     if spec.kind == "openai":
         assert spec.base_url is not None
         return OpenAIProvider(
-            name, base_url=spec.base_url, api_key=spec.api_key(),
+            name,
+            base_url=spec.base_url,
+            api_key=spec.api_key(),
             connect_timeout_s=settings.upstream_connect_timeout_s,
             max_connections=spec.max_connections,
         )
     return AnthropicProvider(
-        name, base_url=spec.url(), api_key=spec.api_key(),
+        name,
+        base_url=spec.url(),
+        api_key=spec.api_key(),
         connect_timeout_s=settings.upstream_connect_timeout_s,
         max_connections=spec.max_connections,
     )
@@ -104,8 +120,11 @@ async def build_services(settings: Settings, config: Config) -> Services:
             "key and the demo page may fetch one from /v1/auth/dev-token"
         )
     verifier = TokenVerifier(
-        secret, plans=config.plans.keys(), default_plan=config.default_plan,
-        issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+        secret,
+        plans=config.plans.keys(),
+        default_plan=config.default_plan,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
     )
     client: aioredis.Redis | None = None
     log: StreamLog
@@ -113,7 +132,10 @@ async def build_services(settings: Settings, config: Config) -> Services:
     if settings.redis_url:
         client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
         log = RedisStreamLog(
-            client, prefix=settings.redis_prefix, ttl_s=ttl, max_duration_s=duration,
+            client,
+            prefix=settings.redis_prefix,
+            ttl_s=ttl,
+            max_duration_s=duration,
             max_events=settings.max_stream_events,
         )
     else:
@@ -127,8 +149,11 @@ async def build_services(settings: Settings, config: Config) -> Services:
         await services_ref[0].stream_finished("streams", info, outcome)
 
     manager = StreamManager(
-        log, orphan_grace_s=settings.orphan_grace_s, lease_s=settings.lease_s,
-        tick_s=settings.supervisor_tick_s, on_finish=on_finish,
+        log,
+        orphan_grace_s=settings.orphan_grace_s,
+        lease_s=settings.lease_s,
+        tick_s=settings.supervisor_tick_s,
+        on_finish=on_finish,
     )
     options = PipelineOptions(
         coalesce_window_s=settings.coalesce_ms / 1000,

@@ -34,15 +34,16 @@ class TicketService:
         """The subject the ticket was issued to, if it is valid for `stream_id`."""
         try:
             claims = jwt.decode(
-                ticket, self._key, algorithms=["HS256"], audience=_AUDIENCE,
+                ticket,
+                self._key,
+                algorithms=["HS256"],
+                audience=_AUDIENCE,
                 options={"require": ["exp", "sub", "sid"]},
             )
         except jwt.ExpiredSignatureError as exc:
             raise NotAuthenticated("the stream ticket has expired", code="ticket_expired") from exc
         except jwt.PyJWTError as exc:
-            raise NotAuthenticated("the stream ticket is not valid",
-                                   code="invalid_ticket") from exc
+            raise NotAuthenticated("the stream ticket is not valid", code="invalid_ticket") from exc
         if claims["sid"] != stream_id:
-            raise NotAuthenticated("the stream ticket is for another stream",
-                                   code="invalid_ticket")
+            raise NotAuthenticated("the stream ticket is for another stream", code="invalid_ticket")
         return str(claims["sub"])

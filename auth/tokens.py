@@ -72,8 +72,9 @@ class TokenVerifier:
             raise NotAuthenticated("the token is not an access token")
         plan = claims.get(self._plan_claim, self._default_plan)
         if plan not in self._plans:
-            raise PermissionDenied("the token names a plan that does not exist",
-                                   code="unknown_plan")
+            raise PermissionDenied(
+                "the token names a plan that does not exist", code="unknown_plan"
+            )
         scope = claims.get("scope", "")
         scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
         return Principal(subject, plan, scopes)
@@ -82,8 +83,14 @@ class TokenVerifier:
 class TokenIssuer:
     """Signs access tokens with the same key the verifier checks (HS256)."""
 
-    def __init__(self, secret: bytes, *, issuer: str | None = None,
-                 audience: str | None = None, plan_claim: str = "plan") -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        issuer: str | None = None,
+        audience: str | None = None,
+        plan_claim: str = "plan",
+    ) -> None:
         self._secret = secret
         self._issuer = issuer
         self._audience = audience
@@ -95,7 +102,11 @@ class TokenIssuer:
         now = int(time.time())
         expires = now + int(ttl_s)
         claims: dict[str, object] = {
-            "sub": subject, self._plan_claim: plan, "iat": now, "exp": expires, "typ": "access"
+            "sub": subject,
+            self._plan_claim: plan,
+            "iat": now,
+            "exp": expires,
+            "typ": "access",
         }
         if scopes:
             claims["scope"] = " ".join(sorted(scopes))

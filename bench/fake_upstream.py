@@ -35,7 +35,10 @@ Send = Callable[[Message], Awaitable[None]]
 Api = Literal["anthropic", "openai"]
 
 STATUS_FAULTS: dict[str, int] = {
-    "status_429": 429, "status_529": 529, "status_500": 500, "status_400": 400,
+    "status_429": 429,
+    "status_529": 529,
+    "status_500": 500,
+    "status_400": 400,
 }
 STREAM_FAULTS = frozenset({"drop", "stall", "malformed", "overloaded"})
 FAULTS = frozenset({*STATUS_FAULTS, *STREAM_FAULTS, "slow_first"})
@@ -43,12 +46,59 @@ FAULTS = frozenset({*STATUS_FAULTS, *STREAM_FAULTS, "slow_first"})
 # A prime-sized list so the index walk below does not repeat with a short period; the odd
 # entries (quotes, backslash, newline, non-BMP) make sure a proxy's re-encoding is exercised.
 _WORDS = (
-    "The", "relay", "streams", "tokens", "while", "upstream", "models", "think", "about",
-    "latency,", "budgets", "and", "cancellation.", "Every", "byte", "arrives", "in", "order;",
-    "nothing", "is", "lost", "when", "clients", "reconnect", "quickly.", "café", "naïve",
-    '"quoted"', "back\\slash", "日本語", "🙂", "line\nbreak", "tab\there", "<html>", "&amp;",
-    "progress", "estimates", "settle", "as", "throughput", "stabilises", "under", "load.",
-    "Meanwhile", "the", "fake", "server", "keeps", "count", "of", "everything", "it", "sent.",
+    "The",
+    "relay",
+    "streams",
+    "tokens",
+    "while",
+    "upstream",
+    "models",
+    "think",
+    "about",
+    "latency,",
+    "budgets",
+    "and",
+    "cancellation.",
+    "Every",
+    "byte",
+    "arrives",
+    "in",
+    "order;",
+    "nothing",
+    "is",
+    "lost",
+    "when",
+    "clients",
+    "reconnect",
+    "quickly.",
+    "café",
+    "naïve",
+    '"quoted"',
+    "back\\slash",
+    "日本語",
+    "🙂",
+    "line\nbreak",
+    "tab\there",
+    "<html>",
+    "&amp;",
+    "progress",
+    "estimates",
+    "settle",
+    "as",
+    "throughput",
+    "stabilises",
+    "under",
+    "load.",
+    "Meanwhile",
+    "the",
+    "fake",
+    "server",
+    "keeps",
+    "count",
+    "of",
+    "everything",
+    "it",
+    "sent.",
 )
 _ESCAPED = tuple(json.dumps(w + " ")[1:-1].encode() for w in _WORDS)
 _MAX_LISTED_BODY = 64 * 1024
@@ -85,7 +135,8 @@ def _text_len(content: Any) -> int:
     if isinstance(content, list):
         return sum(
             _text_len(b.get("text")) + _text_len(b.get("content"))
-            for b in content if isinstance(b, dict)
+            for b in content
+            if isinstance(b, dict)
         )
     return 0
 
@@ -119,8 +170,14 @@ class Behaviour:
 
 _ALIASES = {"tps": "tokens_per_second", "chunk": "tokens_per_chunk"}
 _CASTS: dict[str, Callable[[Any], Any]] = {
-    "ttft_ms": float, "tokens": int, "tokens_per_second": float, "tokens_per_chunk": int,
-    "fault": str, "fault_after": int, "retry_after_s": float, "seed": str,
+    "ttft_ms": float,
+    "tokens": int,
+    "tokens_per_second": float,
+    "tokens_per_chunk": int,
+    "fault": str,
+    "fault_after": int,
+    "retry_after_s": float,
+    "seed": str,
 }
 
 
@@ -129,7 +186,8 @@ def _overrides(raw: Mapping[str, Any] | Behaviour) -> dict[str, Any]:
     if isinstance(raw, Behaviour):
         base = Behaviour()
         return {
-            f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)
+            f.name: getattr(raw, f.name)
+            for f in dataclasses.fields(raw)
             if getattr(raw, f.name) != getattr(base, f.name)
         }
     if not isinstance(raw, Mapping):
@@ -211,9 +269,17 @@ async def _send_json(
     send: Send, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
     data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers,
-    ]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(data)),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -260,16 +326,23 @@ async def _guard(rec: RequestRecord, receive: Receive, job: Coroutine[Any, Any, 
 
 
 _SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
 ]
-_A_BLOCK_START = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
-                  b'"content_block":{"type":"text","text":""}}\n\n'
-                  b'event: ping\ndata: {"type":"ping"}\n\n')
-_A_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-            b'"delta":{"type":"text_delta","text":"')
+_A_BLOCK_START = (
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+    b'event: ping\ndata: {"type":"ping"}\n\n'
+)
+_A_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"'
+)
 _A_BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
-_A_OVERLOADED = (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
-                 b'"message":"Overloaded"}}\n\n')
+_A_OVERLOADED = (
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+    b'"message":"Overloaded"}}\n\n'
+)
 _O_OVERLOADED = b'data: {"error":{"message":"Overloaded","type":"server_error"}}\n\n'
 
 
@@ -290,9 +363,11 @@ class _Exchange:
         self.offset = _seed_offset(beh.seed)
         self.id = f"{'msg' if self.api == 'anthropic' else 'chatcmpl'}_fake{rec.id:08d}"
         self.created = int(rec.started_at)
-        self.oai_prefix = (b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,'
-                           b'"model":%s,"choices":' % (self.id.encode(), self.created,
-                                                       json.dumps(rec.model).encode()))
+        self.oai_prefix = (
+            b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,'
+            b'"model":%s,"choices":'
+            % (self.id.encode(), self.created, json.dumps(rec.model).encode())
+        )
 
     @property
     def reason(self) -> str:
@@ -329,8 +404,12 @@ class _Exchange:
         rec, beh, anth = self.rec, self.beh, self.api == "anthropic"
         headers = [*_SSE_HEADERS, (b"request-id", f"req_fake{rec.id:08d}".encode())]
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
-        await self._write(self._anthropic_head() if anth else self.oai_prefix + (
-            b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'))
+        await self._write(
+            self._anthropic_head()
+            if anth
+            else self.oai_prefix
+            + (b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n')
+        )
         await self._ttft()
         fault = beh.fault if beh.fault in STREAM_FAULTS else None
         fault_at = min(max(0, beh.fault_after), self.n) if fault else -1
@@ -343,9 +422,14 @@ class _Exchange:
             delay = t0 + k * interval - loop.time() if interval else 0.0
             await asyncio.sleep(delay if delay > 0 else 0)  # also a cancellation point
             text = _escaped_run(i, j, self.offset)
-            await self._write(_A_DELTA + text + b'"}}\n\n' if anth else self.oai_prefix
-                              + b'[{"index":0,"delta":{"content":"' + text
-                              + b'"},"finish_reason":null}]}\n\n')
+            await self._write(
+                _A_DELTA + text + b'"}}\n\n'
+                if anth
+                else self.oai_prefix
+                + b'[{"index":0,"delta":{"content":"'
+                + text
+                + b'"},"finish_reason":null}]}\n\n'
+            )
             rec.tokens_sent, i, k = j, j, k + 1
         if fault is not None:
             await self._fault(fault, anth)
@@ -367,8 +451,13 @@ class _Exchange:
 
     def _anthropic_head(self) -> bytes:
         message: dict[str, Any] = {
-            "id": self.id, "type": "message", "role": "assistant", "content": [],
-            "model": self.rec.model, "stop_reason": None, "stop_sequence": None,
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": self.rec.model,
+            "stop_reason": None,
+            "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": 1},
         }
         start = json.dumps({"type": "message_start", "message": message}).encode()
@@ -384,10 +473,14 @@ class _Exchange:
 
     def _openai_tail(self) -> bytes:
         out = self.oai_prefix + b'[{"index":0,"delta":{},"finish_reason":"%s"}]}\n\n' % (
-            self.reason.encode())
+            self.reason.encode()
+        )
         if self.usage:
-            usage = {"prompt_tokens": self.input_tokens, "completion_tokens": self.n,
-                     "total_tokens": self.input_tokens + self.n}
+            usage = {
+                "prompt_tokens": self.input_tokens,
+                "completion_tokens": self.n,
+                "total_tokens": self.input_tokens + self.n,
+            }
             out += self.oai_prefix + b'[],"usage":' + json.dumps(usage).encode() + b"}\n\n"
         return out + b"data: [DONE]\n\n"
 
@@ -401,19 +494,37 @@ class _Exchange:
             await self.send({"type": "http.response.start", "status": 200, "headers": []})
             await self._fault("drop", True)
         text = expected_text(self.n, self.beh.seed)
-        payload: dict[str, Any] = {
-            "id": self.id, "type": "message", "role": "assistant", "model": self.rec.model,
-            "content": [{"type": "text", "text": text}], "stop_reason": self.reason,
-            "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.n},
-        } if self.api == "anthropic" else {
-            "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.rec.model, "choices": [{
-                "index": 0, "finish_reason": self.reason,
-                "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": self.input_tokens, "completion_tokens": self.n,
-                      "total_tokens": self.input_tokens + self.n},
-        }
+        payload: dict[str, Any] = (
+            {
+                "id": self.id,
+                "type": "message",
+                "role": "assistant",
+                "model": self.rec.model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": self.reason,
+                "stop_sequence": None,
+                "usage": {"input_tokens": self.input_tokens, "output_tokens": self.n},
+            }
+            if self.api == "anthropic"
+            else {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.rec.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": self.reason,
+                        "message": {"role": "assistant", "content": text},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": self.input_tokens,
+                    "completion_tokens": self.n,
+                    "total_tokens": self.input_tokens + self.n,
+                },
+            }
+        )
         if self.beh.fault == "malformed":
             await self.send({"type": "http.response.start", "status": 200, "headers": []})
             await self._write(b"{not json", more=False)
@@ -455,7 +566,7 @@ class FakeUpstream:
             return
         path: str = scope["path"]
         if path.startswith("/_control/"):
-            await self._control(scope["method"], path[len("/_control/"):], receive, send)
+            await self._control(scope["method"], path[len("/_control/") :], receive, send)
             return
         api: Api
         if path == "/v1/messages":
@@ -477,9 +588,15 @@ class FakeUpstream:
                 raise ValueError("body must be a JSON object")
             model = str(body.get("model", ""))
             rec = RequestRecord(
-                id=next(self._ids), api=api, model=model, body=body, started_at=time.time(),
+                id=next(self._ids),
+                api=api,
+                model=model,
+                body=body,
+                started_at=time.time(),
                 headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-                behaviour=self.resolve(model), body_size=len(raw))
+                behaviour=self.resolve(model),
+                body_size=len(raw),
+            )
             exchange = _Exchange(rec, rec.behaviour, body, send)
         except (ValueError, TypeError) as exc:
             await _send_json(send, 400, _error_body(api, 400, str(exc)))
@@ -522,8 +639,14 @@ class FakeUpstream:
 class FakeUpstreamServer:
     """Runs a FakeUpstream under uvicorn in a daemon thread, on a pre-bound free port."""
 
-    def __init__(self, app: FakeUpstream | None = None, *, defaults: Behaviour | None = None,
-                 host: str = "127.0.0.1", loop: Literal["asyncio", "uvloop"] = "asyncio") -> None:
+    def __init__(
+        self,
+        app: FakeUpstream | None = None,
+        *,
+        defaults: Behaviour | None = None,
+        host: str = "127.0.0.1",
+        loop: Literal["asyncio", "uvloop"] = "asyncio",
+    ) -> None:
         self.app = app or FakeUpstream(defaults=defaults)
         self.host, self.port, self._loop = host, 0, loop
         self._server: uvicorn.Server | None = None
@@ -541,12 +664,23 @@ class FakeUpstreamServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", loop=self._loop,
-                                ws="none", access_log=False, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            loop=self._loop,
+            ws="none",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
         _quiet_uvicorn()
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"fake-upstream-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name=f"fake-upstream-{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._healthy():
@@ -577,8 +711,12 @@ class FakeUpstreamServer:
     def __enter__(self) -> FakeUpstreamServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
@@ -593,11 +731,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    defaults = Behaviour(ttft_ms=args.ttft_ms, tokens=args.tokens, tokens_per_second=args.tps,
-                         tokens_per_chunk=max(1, args.chunk))
-    config = uvicorn.Config(FakeUpstream(defaults=defaults), host=args.host, port=args.port,
-                            log_level=args.log_level, lifespan="off", loop=args.loop, ws="none",
-                            access_log=False, backlog=4096, timeout_graceful_shutdown=1)
+    defaults = Behaviour(
+        ttft_ms=args.ttft_ms,
+        tokens=args.tokens,
+        tokens_per_second=args.tps,
+        tokens_per_chunk=max(1, args.chunk),
+    )
+    config = uvicorn.Config(
+        FakeUpstream(defaults=defaults),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        lifespan="off",
+        loop=args.loop,
+        ws="none",
+        access_log=False,
+        backlog=4096,
+        timeout_graceful_shutdown=1,
+    )
     _quiet_uvicorn()
     uvicorn.Server(config).run()
 

@@ -127,6 +127,9 @@ class StreamManager:
                 if control.cancel_requested:
                     self._stop(stream_id, "cancelled")
                 elif not control.reader_attached:
-                    logger.info("stream %s: no reader for %.0fs, cancelling upstream",
-                                stream_id, self.orphan_grace_s)
+                    logger.info(
+                        "stream %s: no reader for %.0fs, cancelling upstream",
+                        stream_id,
+                        self.orphan_grace_s,
+                    )
                     self._stop(stream_id, "orphaned")

@@ -199,13 +199,16 @@ async def meter(
                 state.output_tokens = state.reported_output
             now = clock()
             yield "progress", state.progress(now, final=True)
-            yield "done", {
-                "stop_reason": item.reason,
-                "usage": state.usage(),
-                "cost_usd": state.cost_usd,
-                "ttft_ms": state.ttft_ms,
-                "duration_ms": round((now - state.started) * 1000),
-            }
+            yield (
+                "done",
+                {
+                    "stop_reason": item.reason,
+                    "usage": state.usage(),
+                    "cost_usd": state.cost_usd,
+                    "ttft_ms": state.ttft_ms,
+                    "duration_ms": round((now - state.started) * 1000),
+                },
+            )
             return
 
 
@@ -286,7 +289,10 @@ class Generation:
 
         try:
             await pump(
-                self.provider, self.request, self.options.upstream, queue.put_nowait,
+                self.provider,
+                self.request,
+                self.options.upstream,
+                queue.put_nowait,
                 on_retry=count_retry,
             )
         except Exception as exc:  # a bug in a provider must still end the stream visibly

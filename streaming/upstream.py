@@ -113,7 +113,10 @@ async def pump(
         delay = policy.backoff(attempt, error.retry_after)
         logger.info(
             "retrying provider %s after %s (attempt %d, in %.2fs)",
-            provider.name, error.code, attempt, delay,
+            provider.name,
+            error.code,
+            attempt,
+            delay,
         )
         if on_retry is not None:
             on_retry(error, attempt)

@@ -78,8 +78,9 @@ def relay(config_path: Path) -> Iterator[ServerThread]:
 @pytest.fixture(scope="session")
 def relay_redis(config_path: Path, redis_url: str) -> Iterator[ServerThread]:
     """sserelay with its stream log in Redis."""
-    server = ServerThread(relay_settings(config_path, redis_url=redis_url,
-                                         redis_prefix="t-thread:"))
+    server = ServerThread(
+        relay_settings(config_path, redis_url=redis_url, redis_prefix="t-thread:")
+    )
     yield server
     server.stop()
 

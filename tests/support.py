@@ -44,8 +44,7 @@ def free_port() -> int:
         return port
 
 
-def wait_http(url: str, path: str = "/healthz", timeout: float = 15.0,
-              alive: Any = None) -> None:
+def wait_http(url: str, path: str = "/healthz", timeout: float = 15.0, alive: Any = None) -> None:
     host, port = url.removeprefix("http://").split(":")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,11 +71,18 @@ class ServerThread:
         sock = free_socket()
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(self.app, lifespan="on", log_level="warning", access_log=False,
-                             ws="none", timeout_graceful_shutdown=2)
+        cfg = uvicorn.Config(
+            self.app,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            ws="none",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         wait_http(self.url, alive=self.thread.is_alive)
 
@@ -101,7 +107,10 @@ class ServerProcess:
         full_env = {**os.environ, **env, "SSERELAY_PORT": str(self.port)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", *(args or [])],
-            env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         wait_http(self.url, alive=lambda: self.proc.poll() is None)
 
@@ -131,9 +140,21 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sserelay-redis-")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 10
@@ -168,24 +189,48 @@ def write_config(tmp: Path, upstream_url: str, **plan_overrides: Any) -> Path:
     both the Anthropic and the OpenAI protocol."""
     raw: dict[str, Any] = {
         "providers": {
-            "sim": {"kind": "simulated", "tokens_per_second": 400, "response_tokens": 30,
-                    "ttft_ms": 5},
-            "sim-slow": {"kind": "simulated", "tokens_per_second": 20, "response_tokens": 400,
-                         "ttft_ms": 5},
-            "anthropic": {"kind": "anthropic", "base_url": upstream_url,
-                          "api_key_env": "FAKE_UPSTREAM_KEY"},
-            "openai": {"kind": "openai", "base_url": upstream_url + "/v1",
-                       "api_key_env": "FAKE_UPSTREAM_KEY"},
+            "sim": {
+                "kind": "simulated",
+                "tokens_per_second": 400,
+                "response_tokens": 30,
+                "ttft_ms": 5,
+            },
+            "sim-slow": {
+                "kind": "simulated",
+                "tokens_per_second": 20,
+                "response_tokens": 400,
+                "ttft_ms": 5,
+            },
+            "anthropic": {
+                "kind": "anthropic",
+                "base_url": upstream_url,
+                "api_key_env": "FAKE_UPSTREAM_KEY",
+            },
+            "openai": {
+                "kind": "openai",
+                "base_url": upstream_url + "/v1",
+                "api_key_env": "FAKE_UPSTREAM_KEY",
+            },
         },
         "models": {
-            "sim-fast": {"provider": "sim", "input_usd_per_mtok": 1.0,
-                         "output_usd_per_mtok": 5.0},
-            "sim-slow": {"provider": "sim-slow", "input_usd_per_mtok": 1.0,
-                         "output_usd_per_mtok": 5.0},
-            "claude": {"provider": "anthropic", "upstream": "fake?tokens=40",
-                       "input_usd_per_mtok": 3.0, "output_usd_per_mtok": 15.0},
-            "gpt": {"provider": "openai", "upstream": "fake?tokens=40",
-                    "input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0},
+            "sim-fast": {"provider": "sim", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 5.0},
+            "sim-slow": {
+                "provider": "sim-slow",
+                "input_usd_per_mtok": 1.0,
+                "output_usd_per_mtok": 5.0,
+            },
+            "claude": {
+                "provider": "anthropic",
+                "upstream": "fake?tokens=40",
+                "input_usd_per_mtok": 3.0,
+                "output_usd_per_mtok": 15.0,
+            },
+            "gpt": {
+                "provider": "openai",
+                "upstream": "fake?tokens=40",
+                "input_usd_per_mtok": 2.0,
+                "output_usd_per_mtok": 8.0,
+            },
         },
         "plans": {
             "free": {"max_tokens": 100, "models": ["sim-fast"]},
@@ -229,8 +274,11 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent | str]:
     async for line in response.aiter_lines():
         if line == "":
             if "data" in fields:
-                yield SSEEvent(int(fields["id"]) if "id" in fields else None,
-                               fields.get("event", "message"), json.loads(fields["data"]))
+                yield SSEEvent(
+                    int(fields["id"]) if "id" in fields else None,
+                    fields.get("event", "message"),
+                    json.loads(fields["data"]),
+                )
             elif "retry" in fields:
                 yield f"retry:{fields['retry']}"
             fields = {}

@@ -34,10 +34,15 @@ async def dev_token(request: Request) -> Response:
         raise ProblemError(422, "unknown_plan", f"no plan named {plan!r}")
     ttl = services.settings.dev_token_ttl_s
     token, _ = services.issuer.issue(subject, plan, ttl_s=ttl)
-    return JSONResponse({
-        "access_token": token, "token_type": "Bearer", "expires_in": int(ttl),
-        "sub": subject, "plan": plan,
-    })
+    return JSONResponse(
+        {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": int(ttl),
+            "sub": subject,
+            "plan": plan,
+        }
+    )
 
 
 dev_routes = [Route("/v1/auth/dev-token", dev_token, methods=["POST"])]

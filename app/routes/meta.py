@@ -28,8 +28,9 @@ async def list_models(request: Request) -> Response:
             "provider": spec.provider,
             "input_usd_per_mtok": spec.input_usd_per_mtok,
             "output_usd_per_mtok": spec.output_usd_per_mtok,
-            "max_output_tokens": min(spec.max_output_tokens,
-                                     plan.max_tokens or spec.max_output_tokens),
+            "max_output_tokens": min(
+                spec.max_output_tokens, plan.max_tokens or spec.max_output_tokens
+            ),
         }
         for name, spec in services.config.models.items()
         if plan.allows_model(name)
@@ -52,8 +53,10 @@ async def readyz(request: Request) -> Response:
     for name, provider in services.providers.items():
         checks[f"provider:{name}"] = "ok" if await provider.ready() else "unavailable"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -62,10 +65,13 @@ async def metrics(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html", headers={
-        "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
-        "Cache-Control": "no-cache",
-    })
+    return FileResponse(
+        STATIC / "index.html",
+        headers={
+            "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+            "Cache-Control": "no-cache",
+        },
+    )
 
 
 routes = [

@@ -48,15 +48,22 @@ async def create_stream(request: Request) -> Response:
     services = _services(request)
     stream_id, prepared, generation = await start(request, caller, "s_")
     info = StreamInfo(
-        id=stream_id, owner=caller.subject, model=prepared.model,
-        provider=prepared.provider.name, plan=caller.plan,
-        max_tokens=prepared.request.max_tokens, created_at=time.time(),
+        id=stream_id,
+        owner=caller.subject,
+        model=prepared.model,
+        provider=prepared.provider.name,
+        plan=caller.plan,
+        max_tokens=prepared.request.max_tokens,
+        created_at=time.time(),
     )
     await services.manager.launch(info, generation)
     services.metrics.stream_started("streams", caller.plan, prepared.model)
     ticket, expires = services.tickets.issue(stream_id, caller.subject)
-    return JSONResponse(_links(request, stream_id, ticket, expires), status_code=201,
-                        headers={"Location": f"/v1/streams/{stream_id}"})
+    return JSONResponse(
+        _links(request, stream_id, ticket, expires),
+        status_code=201,
+        headers={"Location": f"/v1/streams/{stream_id}"},
+    )
 
 
 def _last_event_id(request: Request) -> int:
@@ -69,8 +76,9 @@ def _last_event_id(request: Request) -> int:
         if value is None or value == "":
             continue
         if not value.isdigit() or len(value) > 18:
-            raise ProblemError(400, "invalid_last_event_id",
-                               "Last-Event-ID must be a non-negative integer")
+            raise ProblemError(
+                400, "invalid_last_event_id", "Last-Event-ID must be a non-negative integer"
+            )
         after = max(after, int(value))
     return after
 
@@ -93,7 +101,8 @@ async def stream_events(request: Request) -> Response | SSEResponse:
 
     events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
     return SSEResponse(
-        frames(events), ping_s=services.settings.ping_interval_s,
+        frames(events),
+        ping_s=services.settings.ping_interval_s,
         retry_ms=services.settings.retry_ms,
     )
 
@@ -147,9 +156,13 @@ async def chat_stream(request: Request) -> SSEResponse:
     services = _services(request)
     stream_id, prepared, generation = await start(request, caller, "c_")
     info = StreamInfo(
-        id=stream_id, owner=caller.subject, model=prepared.model,
-        provider=prepared.provider.name, plan=caller.plan,
-        max_tokens=prepared.request.max_tokens, created_at=time.time(),
+        id=stream_id,
+        owner=caller.subject,
+        model=prepared.model,
+        provider=prepared.provider.name,
+        plan=caller.plan,
+        max_tokens=prepared.request.max_tokens,
+        created_at=time.time(),
     )
     services.metrics.stream_started("chat", caller.plan, prepared.model)
 

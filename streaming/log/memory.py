@@ -13,8 +13,16 @@ from .base import Control, Liveness, StreamInfo, StreamLog
 
 
 class _Entry:
-    __slots__ = ("info", "events", "ids", "changed", "expires", "reader_until", "lease_until",
-                 "cancel")
+    __slots__ = (
+        "info",
+        "events",
+        "ids",
+        "changed",
+        "expires",
+        "reader_until",
+        "lease_until",
+        "cancel",
+    )
 
     def __init__(self, info: StreamInfo, expires: float) -> None:
         self.info = info

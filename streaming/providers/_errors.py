@@ -29,19 +29,28 @@ def status_error(
     """`kind` is the provider's own error type when the body named one."""
     if status == 429 or kind == "rate_limit_error":
         return UpstreamError(
-            message, code="upstream_rate_limited", retryable=True, retry_after=retry_after,
+            message,
+            code="upstream_rate_limited",
+            retryable=True,
+            retry_after=retry_after,
             status=status,
         )
     if status == 529 or kind == "overloaded_error":
         return UpstreamError(
-            message, code="upstream_overloaded", retryable=True, retry_after=retry_after,
+            message,
+            code="upstream_overloaded",
+            retryable=True,
+            retry_after=retry_after,
             status=status,
         )
     if status in (401, 403):
         return UpstreamError(message, code="upstream_auth_failed", status=status)
     if status == 408 or status >= 500:
         return UpstreamError(
-            message, code="upstream_unavailable", retryable=True, retry_after=retry_after,
+            message,
+            code="upstream_unavailable",
+            retryable=True,
+            retry_after=retry_after,
             status=status,
         )
     return UpstreamError(message, code="upstream_rejected", status=status)

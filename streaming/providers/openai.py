@@ -76,8 +76,10 @@ class OpenAIProvider:
         except httpx.TimeoutException as exc:
             raise _errors.connection_error(f"timed out connecting to the provider: {exc}") from exc
         except httpx.TransportError as exc:
-            raise _errors.dropped_error() if _mid_body(exc) else _errors.connection_error(
-                f"cannot reach the provider: {exc}"
+            raise (
+                _errors.dropped_error()
+                if _mid_body(exc)
+                else _errors.connection_error(f"cannot reach the provider: {exc}")
             ) from exc
 
     async def ready(self) -> bool:

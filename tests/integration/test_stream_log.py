@@ -23,15 +23,23 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
         return
     client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
     try:
-        yield RedisStreamLog(client, prefix=f"t-{uuid.uuid4().hex[:6]}:", ttl_s=2,
-                             max_duration_s=2, max_events=1000)
+        yield RedisStreamLog(
+            client, prefix=f"t-{uuid.uuid4().hex[:6]}:", ttl_s=2, max_duration_s=2, max_events=1000
+        )
     finally:
         await client.aclose()
 
 
 def _info(owner: str = "alice") -> StreamInfo:
-    return StreamInfo(id=uuid.uuid4().hex, owner=owner, model="m", provider="p", plan="pro",
-                      max_tokens=10, created_at=time.time())
+    return StreamInfo(
+        id=uuid.uuid4().hex,
+        owner=owner,
+        model="m",
+        provider="p",
+        plan="pro",
+        max_tokens=10,
+        created_at=time.time(),
+    )
 
 
 def _events(n: int, start: int = 0) -> list[Event]:

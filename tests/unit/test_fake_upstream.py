@@ -60,8 +60,12 @@ async def wait_for_record(server: FakeUpstreamServer, tag: str, **want: Any) -> 
 
 
 def anthropic_body(model: str, max_tokens: int = 100) -> dict[str, Any]:
-    return {"model": model, "max_tokens": max_tokens, "stream": True,
-            "messages": [{"role": "user", "content": "hi"}]}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
 
 
 def test_expected_text_is_concatenated_tokens() -> None:
@@ -69,8 +73,10 @@ def test_expected_text_is_concatenated_tokens() -> None:
     assert text == "".join(token_at(i, "s") for i in range(200))
     assert expected_text(200) != text
     assert len(set(text.split(" "))) > 40  # not a trivial repetition
-    body = {"system": "x" * 40, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "y" * 40}]}]}
+    body = {
+        "system": "x" * 40,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 40}]}],
+    }
     assert count_input_tokens(body) == 20
     assert count_input_tokens({"messages": []}) == 1
 
@@ -80,8 +86,12 @@ async def test_anthropic_sdk_stream(
 ) -> None:
     messages: list[Any] = [{"role": "user", "content": "Tell me something long, please."}]
     stream = await sdk.messages.create(
-        model="fake?tokens=57&chunk=2", max_tokens=100, system="be brief", messages=messages,
-        stream=True, extra_headers={"x-test": "sdk"},
+        model="fake?tokens=57&chunk=2",
+        max_tokens=100,
+        system="be brief",
+        messages=messages,
+        stream=True,
+        extra_headers={"x-test": "sdk"},
     )
     text, types = "", []
     input_tokens = output_tokens = -1
@@ -108,7 +118,9 @@ async def test_anthropic_sdk_stream(
 
 async def test_anthropic_max_tokens_truncates(sdk: anthropic.AsyncAnthropic) -> None:
     stream = await sdk.messages.create(
-        model="fake?tokens=30", max_tokens=5, stream=True,
+        model="fake?tokens=30",
+        max_tokens=5,
+        stream=True,
         messages=[{"role": "user", "content": "hi"}],
     )
     text, stop_reason = "", None
@@ -122,7 +134,9 @@ async def test_anthropic_max_tokens_truncates(sdk: anthropic.AsyncAnthropic) -> 
 
 async def test_anthropic_non_stream(sdk: anthropic.AsyncAnthropic) -> None:
     message = await sdk.messages.create(
-        model="fake?tokens=7", max_tokens=100, messages=[{"role": "user", "content": "hi"}],
+        model="fake?tokens=7",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hi"}],
     )
     assert message.content[0].type == "text" and message.content[0].text == expected_text(7)
     assert message.usage.output_tokens == 7 and message.stop_reason == "end_turn"
@@ -133,7 +147,8 @@ async def test_openai_stream(
     http: httpx.AsyncClient, max_tokens: int | None, n: int, finish: str
 ) -> None:
     body: dict[str, Any] = {
-        "model": "gpt-fake?tokens=25&tps=2000&chunk=3", "stream": True,
+        "model": "gpt-fake?tokens=25&tps=2000&chunk=3",
+        "stream": True,
         "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": "Hello there, model."}],
     }
@@ -145,7 +160,7 @@ async def test_openai_stream(
         assert resp.headers["content-type"].startswith("text/event-stream")
         async for line in resp.aiter_lines():
             if line.startswith("data: "):
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 chunks.append(data if data == "[DONE]" else json.loads(data))
     assert chunks[-1] == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -155,33 +170,46 @@ async def test_openai_stream(
     prompt = count_input_tokens(body)
     assert chunks[-2]["choices"] == []
     assert chunks[-2]["usage"] == {
-        "prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        "prompt_tokens": prompt,
+        "completion_tokens": n,
+        "total_tokens": prompt + n,
+    }
     assert {c["object"] for c in chunks[:-1]} == {"chat.completion.chunk"}
 
 
 async def test_queued_429_then_success(server: FakeUpstreamServer, http: httpx.AsyncClient) -> None:
-    resp = await http.post("/_control/faults", json={"faults": [
-        {"fault": "status_429", "retry_after_s": 0.1}]})
+    resp = await http.post(
+        "/_control/faults", json={"faults": [{"fault": "status_429", "retry_after_s": 0.1}]}
+    )
     assert resp.status_code == 200 and resp.json() == {"queued": 1}
     resp = await http.post("/v1/messages", json=anthropic_body("fake"))
     assert resp.status_code == 429 and resp.headers["retry-after"] == "0.1"
-    assert resp.json() == {"type": "error", "error": {
-        "type": "rate_limit_error", "message": "Rate limited"}}
+    assert resp.json() == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "Rate limited"},
+    }
     async with http.stream("POST", "/v1/messages", json=anthropic_body("fake")) as ok:
         assert ok.status_code == 200
         assert "event: message_stop" in (await ok.aread()).decode()
     assert [r.status for r in server.app.records] == [429, 200]
 
 
-@pytest.mark.parametrize(("fault", "path", "status", "err_type"), [
-    ("status_529", "/v1/messages", 529, "overloaded_error"),
-    ("status_529", "/v1/chat/completions", 503, "server_error"),
-    ("status_500", "/v1/messages", 500, "api_error"),
-    ("status_400", "/v1/chat/completions", 400, "invalid_request_error"),
-])
+@pytest.mark.parametrize(
+    ("fault", "path", "status", "err_type"),
+    [
+        ("status_529", "/v1/messages", 529, "overloaded_error"),
+        ("status_529", "/v1/chat/completions", 503, "server_error"),
+        ("status_500", "/v1/messages", 500, "api_error"),
+        ("status_400", "/v1/chat/completions", 400, "invalid_request_error"),
+    ],
+)
 async def test_status_faults(
-    server: FakeUpstreamServer, http: httpx.AsyncClient,
-    fault: str, path: str, status: int, err_type: str,
+    server: FakeUpstreamServer,
+    http: httpx.AsyncClient,
+    fault: str,
+    path: str,
+    status: int,
+    err_type: str,
 ) -> None:
     server.app.push_faults([Behaviour(fault=fault)])
     resp = await http.post(path, json=anthropic_body("fake"))
@@ -191,7 +219,9 @@ async def test_status_faults(
 
 async def test_overloaded_mid_stream_in_sdk(sdk: anthropic.AsyncAnthropic) -> None:
     stream = await sdk.messages.create(
-        model="fake?tokens=10&fault=overloaded&fault_after=3", max_tokens=100, stream=True,
+        model="fake?tokens=10&fault=overloaded&fault_after=3",
+        max_tokens=100,
+        stream=True,
         messages=[{"role": "user", "content": "hi"}],
     )
     text = ""
@@ -201,31 +231,42 @@ async def test_overloaded_mid_stream_in_sdk(sdk: anthropic.AsyncAnthropic) -> No
                 text += event.delta.text
     # SDK 2.x raises the base APIStatusError carrying the HTTP 200 of the stream itself.
     assert info.value.status_code == 200
-    assert info.value.body == {"type": "error", "error": {
-        "type": "overloaded_error", "message": "Overloaded"}}
+    assert info.value.body == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+    }
     assert text == expected_text(3)
 
 
 async def test_openai_overloaded_and_malformed(http: httpx.AsyncClient) -> None:
-    for fault, last in [("overloaded", '{"error":{"message":"Overloaded","type":"server_error"}}'),
-                        ("malformed", "{not json")]:
-        body = {"model": f"fake?tokens=5&fault={fault}&fault_after=2", "stream": True,
-                "messages": []}
+    for fault, last in [
+        ("overloaded", '{"error":{"message":"Overloaded","type":"server_error"}}'),
+        ("malformed", "{not json"),
+    ]:
+        body = {
+            "model": f"fake?tokens=5&fault={fault}&fault_after=2",
+            "stream": True,
+            "messages": [],
+        }
         async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
             lines = [ln async for ln in resp.aiter_lines() if ln.startswith("data: ")]
         assert len(lines) == 4 and lines[-1] == "data: " + last
 
 
-@pytest.mark.parametrize("model", [
-    "fake?tokens=10&fault=stall&fault_after=2",
-    "fake?tokens=10&ttft_ms=30000",
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "fake?tokens=10&fault=stall&fault_after=2",
+        "fake?tokens=10&ttft_ms=30000",
+    ],
+)
 async def test_client_close_is_recorded(
     server: FakeUpstreamServer, http: httpx.AsyncClient, model: str
 ) -> None:
     tag = uuid.uuid4().hex
-    async with http.stream("POST", "/v1/messages", json=anthropic_body(model),
-                           headers={"x-test": tag}) as resp:
+    async with http.stream(
+        "POST", "/v1/messages", json=anthropic_body(model), headers={"x-test": tag}
+    ) as resp:
         async for line in resp.aiter_lines():
             if line == "event: ping":
                 break
@@ -238,11 +279,15 @@ async def test_drop_ends_without_message_stop(
 ) -> None:
     events: list[str] = []
     with pytest.raises(httpx.RemoteProtocolError):
-        async with http.stream("POST", "/v1/messages", headers={"x-test": "drop"},
-                               json=anthropic_body("fake?tokens=10&fault=drop&fault_after=4")) as r:
+        async with http.stream(
+            "POST",
+            "/v1/messages",
+            headers={"x-test": "drop"},
+            json=anthropic_body("fake?tokens=10&fault=drop&fault_after=4"),
+        ) as r:
             async for line in r.aiter_lines():
                 if line.startswith("event: "):
-                    events.append(line[len("event: "):])
+                    events.append(line[len("event: ") :])
     assert events.count("content_block_delta") == 4 and "message_stop" not in events
     rec = await wait_for_record(server, "drop")
     assert (rec.tokens_sent, rec.completed, rec.client_closed) == (4, False, False)
@@ -252,11 +297,13 @@ async def test_control_api_and_precedence(
     server: FakeUpstreamServer, http: httpx.AsyncClient
 ) -> None:
     assert (await http.get("/_control/health")).status_code == 200
-    assert (await http.post("/_control/faults", json={"faults": [{"fault": "nope"}]})
-            ).status_code == 400
+    assert (
+        await http.post("/_control/faults", json={"faults": [{"fault": "nope"}]})
+    ).status_code == 400
     server.app.push_faults([{"tokens": 3, "fault": None}])  # queued beats the model name
-    resp = await http.post("/v1/messages", json=anthropic_body("fake?tokens=9&fault=drop"),
-                           headers={"x-test": "ctl"})
+    resp = await http.post(
+        "/v1/messages", json=anthropic_body("fake?tokens=9&fault=drop"), headers={"x-test": "ctl"}
+    )
     assert resp.text.count("content_block_delta") == 3 * 2
     listed = (await http.get("/_control/requests")).json()
     assert listed[0]["headers"]["x-test"] == "ctl" and listed[0]["completed"] is True

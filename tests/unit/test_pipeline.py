@@ -128,8 +128,14 @@ async def test_meter_progress_is_rate_limited_monotone_and_ends_at_100() -> None
         now[0] = 2.5
         yield Stop("end_turn")
 
-    state = Meter(pricing=Pricing(1.0, 10.0), max_tokens=100, expected_tokens=20,
-                  input_estimate=3, progress_interval_s=0.25, started=0.0)
+    state = Meter(
+        pricing=Pricing(1.0, 10.0),
+        max_tokens=100,
+        expected_tokens=20,
+        input_estimate=3,
+        progress_interval_s=0.25,
+        started=0.0,
+    )
     events = await _list(meter(items(), state, lambda: now[0]))
     names = [n for n, _ in events]
     assert names.count("delta") == 10
@@ -152,8 +158,13 @@ async def test_meter_progress_is_rate_limited_monotone_and_ends_at_100() -> None
     assert [d["index"] for d in deltas] == [i * 5 for i in range(10)]
 
 
-POLICY = UpstreamPolicy(first_token_timeout_s=0.5, idle_timeout_s=0.3, max_attempts=3,
-                        backoff_base_s=0.001, backoff_max_s=0.01)
+POLICY = UpstreamPolicy(
+    first_token_timeout_s=0.5,
+    idle_timeout_s=0.3,
+    max_attempts=3,
+    backoff_base_s=0.001,
+    backoff_max_s=0.01,
+)
 
 
 async def _pump(provider: Scripted, policy: UpstreamPolicy = POLICY) -> list[Any]:
@@ -164,8 +175,10 @@ async def _pump(provider: Scripted, policy: UpstreamPolicy = POLICY) -> list[Any
 
 async def test_pump_retries_before_anything_is_relayed() -> None:
     provider = Scripted(
-        [Usage(input_tokens=5), UpstreamError("busy", code="upstream_rate_limited",
-                                               retryable=True)],
+        [
+            Usage(input_tokens=5),
+            UpstreamError("busy", code="upstream_rate_limited", retryable=True),
+        ],
         [Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")],
     )
     out = await _pump(provider)
@@ -203,13 +216,19 @@ async def test_pump_times_out_first_token_and_between_chunks() -> None:
 
 
 def _generation(provider: Scripted) -> Generation:
-    return Generation(provider, REQUEST, start_data={"stream_id": "x"},
-                      pricing=Pricing(1.0, 2.0), options=PipelineOptions(upstream=POLICY))
+    return Generation(
+        provider,
+        REQUEST,
+        start_data={"stream_id": "x"},
+        pricing=Pricing(1.0, 2.0),
+        options=PipelineOptions(upstream=POLICY),
+    )
 
 
 async def test_generation_numbers_events_and_ends_with_error_on_failure() -> None:
-    provider = Scripted([TextDelta("a"), UpstreamError("gone", code="upstream_dropped",
-                                                       retryable=True)])
+    provider = Scripted(
+        [TextDelta("a"), UpstreamError("gone", code="upstream_dropped", retryable=True)]
+    )
     gen = _generation(provider)
     events = await _list(gen.events())
     assert [e.id for e in events] == list(range(1, len(events) + 1))
