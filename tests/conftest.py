@@ -3,15 +3,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app import Settings
 from bench.fake_upstream import FakeUpstreamServer
-from tests.support import SECRET, RedisServer, ServerThread, write_config
+from tests.support import RedisServer, ServerThread, relay_settings, write_config
 
 
 @pytest.fixture(scope="session")
@@ -52,19 +50,6 @@ def _clean_upstream(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def config_path(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer) -> Path:
     return write_config(tmp_path_factory.mktemp("config"), upstream.url)
-
-
-def relay_settings(config_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "config": config_path,
-        "jwt_secret": SECRET,
-        "upstream_backoff_base_s": 0.01,
-        "upstream_backoff_max_s": 0.2,
-        "upstream_first_token_timeout_s": 3,
-        "upstream_idle_timeout_s": 1.5,
-        **overrides,
-    }
-    return Settings(**values)
 
 
 @pytest.fixture(scope="session")

@@ -176,6 +176,20 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def relay_settings(config_path: Path, **overrides: Any) -> Settings:
+    """Test settings: a known key, fast backoff, short upstream timeouts."""
+    values: dict[str, Any] = {
+        "config": config_path,
+        "jwt_secret": SECRET,
+        "upstream_backoff_base_s": 0.01,
+        "upstream_backoff_max_s": 0.2,
+        "upstream_first_token_timeout_s": 3,
+        "upstream_idle_timeout_s": 1.5,
+        **overrides,
+    }
+    return Settings(**values)
+
+
 def token(sub: str = "alice", plan: str = "pro", secret: str = SECRET) -> str:
     return TokenIssuer(secret.encode()).issue(sub, plan, ttl_s=600)[0]
 

@@ -11,7 +11,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstreamServer, expected_text
 from streaming import GenerationRequest, Message, simulated_text
-from tests.support import Collected, ServerThread, auth, collect, sse_events
+from tests.support import Collected, ServerThread, auth, collect, relay_settings, sse_events
 
 BODY = {"model": "sim-fast", "prompt": "Tell me about streams", "max_tokens": 20}
 
@@ -241,8 +241,6 @@ async def test_direct_route_cancels_upstream_before_the_first_token(
 async def test_a_stream_nobody_reads_is_cancelled_upstream(
     config_path: Any, upstream: FakeUpstreamServer, client: httpx.AsyncClient
 ) -> None:
-    from tests.conftest import relay_settings
-
     server = ServerThread(relay_settings(config_path, orphan_grace_s=0.6, supervisor_tick_s=0.1))
     try:
         upstream.app.push_faults([{"tokens": 1000, "tokens_per_second": 50}])
