@@ -130,7 +130,14 @@ async def build_services(settings: Settings, config: Config) -> Services:
     log: StreamLog
     ttl, duration = settings.stream_ttl_s, settings.max_stream_duration_s
     if settings.redis_url:
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+        # Readers block in XREAD for up to a third of the orphan grace period: the socket
+        # timeout must be longer than any such wait.
+        client = aioredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_connect_timeout=5,
+            socket_timeout=settings.orphan_grace_s / 3 + 10,
+        )
         log = RedisStreamLog(
             client,
             prefix=settings.redis_prefix,

@@ -104,6 +104,7 @@ class ServerProcess:
     def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(env)
         full_env = {**os.environ, **env, "SSERELAY_PORT": str(self.port)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", *(args or [])],
@@ -303,9 +304,14 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent | str]:
             fields[name] = value.removeprefix(" ")
 
 
-async def collect(response: httpx.Response, stop_after: int | None = None) -> Collected:
+async def collect(
+    source: httpx.Response | AsyncIterator[SSEEvent | str], stop_after: int | None = None
+) -> Collected:
+    """Events until the terminal one (or `stop_after`). Pass `sse_events(response)` rather
+    than the response to go on reading the same response afterwards."""
     out = Collected()
-    async for item in sse_events(response):
+    items = sse_events(source) if isinstance(source, httpx.Response) else source
+    async for item in items:
         if isinstance(item, str):
             if item.startswith("retry:"):
                 out.retry = int(item[6:])

@@ -1,0 +1,97 @@
+"""Several sserelay processes sharing one Redis behave as one service."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streaming import GenerationRequest, Message, simulated_text
+from tests.support import SECRET, Collected, ServerProcess, auth, collect, sse_events
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def pair(config_path: Path, redis_url: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    env = {
+        "SSERELAY_REDIS_URL": redis_url,
+        "SSERELAY_REDIS_PREFIX": f"t-{uuid.uuid4().hex[:6]}:",
+        "SSERELAY_JWT_SECRET": SECRET,
+        "SSERELAY_CONFIG": str(config_path),
+        "SSERELAY_LEASE_S": "1",
+        "SSERELAY_SUPERVISOR_TICK_S": "0.2",
+    }
+    a, b = ServerProcess(env), ServerProcess(env)
+    yield a, b
+    for server in (a, b):
+        if server.proc.poll() is None:
+            server.stop()
+
+
+BODY = {"model": "sim-slow", "prompt": "across processes", "max_tokens": 30}
+
+
+async def test_a_stream_started_on_one_process_resumes_on_another(
+    pair: tuple[ServerProcess, ServerProcess], client: httpx.AsyncClient
+) -> None:
+    a, b = pair
+    r = await client.post(a.url + "/v1/streams", json=BODY, headers=auth())
+    created = r.json()
+    async with client.stream("GET", a.url + created["events_url"]) as response:
+        first = await collect(response, stop_after=5)
+    last = first.events[-1].id
+    async with client.stream(
+        "GET", b.url + created["events_url"], headers={"last-event-id": str(last)}
+    ) as response:
+        rest = await collect(response)
+    assert rest.events[0].id == last + 1
+    whole = Collected(events=first.events + rest.events)
+    assert [e.id for e in whole.events] == list(range(1, len(whole.events) + 1))
+    assert whole.names[-1] == "done"
+    request = GenerationRequest("sim-slow", (Message("user", BODY["prompt"]),), 30)
+    assert whole.text == simulated_text(request, 30)
+    status = await client.get(b.url + created["status_url"], headers=auth())
+    assert status.json()["text"] == whole.text
+
+
+async def test_cancel_on_another_process_stops_the_generation(
+    pair: tuple[ServerProcess, ServerProcess], client: httpx.AsyncClient
+) -> None:
+    a, b = pair
+    created = (await client.post(a.url + "/v1/streams", json=BODY, headers=auth())).json()
+    async with client.stream("GET", a.url + created["events_url"]) as response:
+        items = sse_events(response)
+        await collect(items, stop_after=3)
+        r = await client.delete(b.url + created["status_url"], headers=auth())
+        assert r.status_code == 202
+        rest = await collect(items)
+    assert rest.names[-1] == "error" and rest.last("error")["code"] == "cancelled"
+
+
+async def test_a_reader_is_told_when_the_generating_process_dies(
+    config_path: Path,
+    redis_url: str,
+    pair: tuple[ServerProcess, ServerProcess],
+    client: httpx.AsyncClient,
+) -> None:
+    _, b = pair
+    # A third process on the same Redis and prefix, killed mid-stream.
+    doomed = ServerProcess(b.env)
+    created = (await client.post(doomed.url + "/v1/streams", json=BODY, headers=auth())).json()
+    async with client.stream("GET", b.url + created["events_url"]) as response:
+        items = sse_events(response)
+        head = await collect(items, stop_after=4)
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        tail = await collect(items)
+    doomed.stop()
+    assert head.names[0] == "start", head
+    assert tail.names, tail
+    assert tail.names[-1] == "error", tail.names
+    error = tail.last("error")
+    assert error["code"] == "stream_lost" and error["retryable"] is True
