@@ -199,7 +199,9 @@ def auth(sub: str = "alice", plan: str = "pro") -> dict[str, str]:
     return {"authorization": f"Bearer {token(sub, plan)}"}
 
 
-def write_config(tmp: Path, upstream_url: str, **plan_overrides: Any) -> Path:
+def write_config(
+    tmp: Path, upstream_url: str, default_plan: str = "free", **plan_overrides: Any
+) -> Path:
     """A config with every provider kind: the simulator, and the fake upstream speaking
     both the Anthropic and the OpenAI protocol."""
     raw: dict[str, Any] = {
@@ -251,9 +253,9 @@ def write_config(tmp: Path, upstream_url: str, **plan_overrides: Any) -> Path:
             "free": {"max_tokens": 100, "models": ["sim-fast"]},
             "pro": {"max_tokens": 4096, **plan_overrides},
         },
-        "default_plan": "free",
+        "default_plan": default_plan,
     }
-    path = tmp / "sserelay.yaml"
+    path = tmp / f"sserelay-{default_plan}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 

@@ -37,7 +37,7 @@ def _tokens(request: GenerationRequest, count: int) -> list[str]:
     out: list[str] = []
     for i in range(count):
         word = words[(seed + i * 7919 + (i * i) % 13) % len(words)]
-        if i == 0:
+        if i % 12 == 0:  # sentences of twelve words
             word = word.capitalize()
         end = "." if (i + 1) % 12 == 0 or i == count - 1 else ""
         out.append(("" if i == 0 else " ") + word + end)
