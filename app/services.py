@@ -108,6 +108,24 @@ def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provi
     )
 
 
+def redis_clients(url: str, max_connections: int) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """The shared client (a bounded pool that waits for a free connection rather than
+    failing) and the dedicated connection readers share to wait for new events."""
+    client = aioredis.Redis.from_pool(  # from_pool: closing the client closes the pool
+        aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+        )
+    )
+    tail = aioredis.Redis.from_url(
+        url, single_connection_client=True, socket_connect_timeout=5, socket_timeout=15
+    )
+    return client, tail
+
+
 async def build_services(settings: Settings, config: Config) -> Services:
     if settings.jwt_secret is not None:
         secret = settings.jwt_secret.get_secret_value().encode()
@@ -130,16 +148,10 @@ async def build_services(settings: Settings, config: Config) -> Services:
     log: StreamLog
     ttl, duration = settings.stream_ttl_s, settings.max_stream_duration_s
     if settings.redis_url:
-        # Readers block in XREAD for up to a third of the orphan grace period: the socket
-        # timeout must be longer than any such wait.
-        client = aioredis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=False,
-            socket_connect_timeout=5,
-            socket_timeout=settings.orphan_grace_s / 3 + 10,
-        )
+        client, tail = redis_clients(settings.redis_url, settings.redis_max_connections)
         log = RedisStreamLog(
             client,
+            tail=tail,
             prefix=settings.redis_prefix,
             ttl_s=ttl,
             max_duration_s=duration,

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Redis for all shared state; None = in-memory stores (one process)."""
     redis_prefix: str = "sserelay:"
+    redis_max_connections: int = Field(default=200, ge=2)
 
     jwt_secret: SecretStr | None = None
     """HS256 key for access tokens; None = a random development key and the demo's

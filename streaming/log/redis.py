@@ -9,7 +9,9 @@ Keys (all under one hash tag per stream, so they share a Cluster slot):
     {prefix}s:{<id>}:ls   "the generating process is alive" (its lease)
     {prefix}s:{<id>}:cx   "cancel requested"
 
-Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD.
+Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD. Readers
+that wait for new events share one blocking XREAD per process (see `_tailer`), so open
+streams do not each hold a connection.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.exceptions import RedisError
 
 from .._exceptions import StreamLogError
 from ..events import Event
+from ._tailer import Tailer
 from .base import Control, Liveness, StreamInfo, StreamLog
 
 _INT_FIELDS = ("max_tokens",)
@@ -33,6 +36,7 @@ class RedisStreamLog(StreamLog):
         self,
         client: aioredis.Redis,
         *,
+        tail: aioredis.Redis,
         prefix: str = "sserelay:",
         ttl_s: float,
         max_duration_s: float,
@@ -43,6 +47,7 @@ class RedisStreamLog(StreamLog):
         self._prefix = prefix
         self._live_ms = int((ttl_s + max_duration_s) * 1000)
         self._ttl_ms = int(ttl_s * 1000)
+        self._tailer = Tailer(tail, client, _parse)
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self._prefix}s:{{{stream_id}}}:{kind}"
@@ -106,18 +111,15 @@ class RedisStreamLog(StreamLog):
         self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
     ) -> list[Event]:
         key = self._key(stream_id, "ev")
-        block = max(1, int(block_s * 1000)) if block_s > 0 else None
         try:
-            reply: Any = await self._r.xread({key: f"0-{after}"}, count=limit, block=block)
+            reply: Any = await self._r.xread({key: f"0-{after}"}, count=limit)
         except RedisError as exc:
             raise StreamLogError(f"cannot read stream: {exc}") from exc
-        if not reply:
+        if reply:
+            return _parse(reply[0][1])
+        if block_s <= 0:
             return []
-        entries = reply[0][1]
-        return [
-            Event(int(entry_id.split(b"-", 1)[1]), fields[b"n"].decode(), fields[b"d"])
-            for entry_id, fields in entries
-        ]
+        return (await self._tailer.wait(key, after, block_s))[:limit]
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         try:
@@ -162,3 +164,13 @@ class RedisStreamLog(StreamLog):
             await self._r.ping()
         except RedisError as exc:
             raise StreamLogError(f"cannot reach Redis: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._tailer.aclose()
+
+
+def _parse(entries: Any) -> list[Event]:
+    return [
+        Event(int(entry_id.split(b"-", 1)[1]), fields[b"n"].decode(), fields[b"d"])
+        for entry_id, fields in entries
+    ]

@@ -8,8 +8,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from app.services import redis_clients
 from streaming import Event, EventEncoder, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog
 from streaming.log import LogWriter
 
@@ -21,12 +21,20 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
     if request.param == "memory":
         yield MemoryStreamLog(ttl_s=2, max_duration_s=2, max_events=1000)
         return
-    client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+    url = request.getfixturevalue("redis_url")
+    client, tail = redis_clients(url, max_connections=50)
+    log = RedisStreamLog(
+        client,
+        tail=tail,
+        prefix=f"t-{uuid.uuid4().hex[:6]}:",
+        ttl_s=2,
+        max_duration_s=2,
+        max_events=1000,
+    )
     try:
-        yield RedisStreamLog(
-            client, prefix=f"t-{uuid.uuid4().hex[:6]}:", ttl_s=2, max_duration_s=2, max_events=1000
-        )
+        yield log
     finally:
+        await log.aclose()
         await client.aclose()
 
 
@@ -140,3 +148,31 @@ async def test_writer_batches_in_order(log: StreamLog) -> None:
     await writer.close()
     assert writer.error is None
     assert await log.read(info.id, 0, limit=1000) == events
+
+
+async def test_many_waiting_readers_all_wake(log: StreamLog) -> None:
+    # More waiting readers than the Redis client has connections: they must share.
+    infos = [_info() for _ in range(300)]
+    for info in infos:
+        await log.create(info, reader_grace_s=5, lease_s=5)
+    readers = [asyncio.create_task(log.read(i.id, 0, block_s=10)) for i in infos]
+    await asyncio.sleep(0.1)
+    for info in infos:
+        await log.append(info.id, _events(1))
+    results = await asyncio.wait_for(asyncio.gather(*readers), 15)
+    assert all(len(r) == 1 and r[0].id == 1 for r in results)
+
+
+async def test_a_reader_joining_later_is_not_held_behind_another(log: StreamLog) -> None:
+    quiet, busy = _info(), _info()
+    for info in (quiet, busy):
+        await log.create(info, reader_grace_s=5, lease_s=5)
+    waiting = asyncio.create_task(log.read(quiet.id, 0, block_s=10))
+    await asyncio.sleep(0.1)  # its wait is in flight and does not cover `busy`
+    late = asyncio.create_task(log.read(busy.id, 0, block_s=10))
+    await asyncio.sleep(0.05)
+    await log.append(busy.id, _events(2))
+    assert len(await asyncio.wait_for(late, 15)) == 2
+    assert not waiting.done()  # `late` was woken by its event, not by a timeout
+    await log.append(quiet.id, _events(1))
+    assert len(await waiting) == 1
