@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from auth import Principal
-from streaming import Generation, GenerationRequest, Message, Pricing, Provider
+from streaming import Generation, GenerationRequest, Message, Pricing, Provider, StreamInfo
 
 from .config import ModelConfig, describe
 from .errors import ProblemError
@@ -103,27 +103,33 @@ def prepare(
     )
 
 
-async def start(
-    request: Request, caller: Principal, prefix: str
-) -> tuple[str, Prepared, Generation]:
+async def start(request: Request, caller: Principal, prefix: str) -> tuple[StreamInfo, Generation]:
     """Validate the body and build the generation; raises problems before any stream
     exists, so every refusal is a plain HTTP error."""
     services: Services = request.app.state.services
     body = await read_completion(request, services.settings.max_body_bytes)
     prepared = prepare(body, caller, services, request_id_of(request.scope))
-    stream_id = prefix + uuid.uuid4().hex
+    info = StreamInfo(
+        id=prefix + uuid.uuid4().hex,
+        owner=caller.subject,
+        model=prepared.model,
+        provider=prepared.provider.name,
+        plan=caller.plan,
+        max_tokens=prepared.request.max_tokens,
+        created_at=time.time(),
+    )
     generation = Generation(
         prepared.provider,
         prepared.request,
         start_data={
-            "stream_id": stream_id,
-            "model": prepared.model,
-            "provider": prepared.provider.name,
-            "plan": caller.plan,
-            "max_tokens": prepared.request.max_tokens,
-            "created_at": time.time(),
+            "stream_id": info.id,
+            "model": info.model,
+            "provider": info.provider,
+            "plan": info.plan,
+            "max_tokens": info.max_tokens,
+            "created_at": info.created_at,
         },
         pricing=Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok),
         options=services.options,
     )
-    return stream_id, prepared, generation
+    return info, generation

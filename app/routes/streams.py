@@ -3,7 +3,6 @@ route that streams straight into its own response."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,18 +45,10 @@ async def _owned(services: Services, stream_id: str, subject: str) -> StreamInfo
 async def create_stream(request: Request) -> Response:
     caller = principal(request)
     services = _services(request)
-    stream_id, prepared, generation = await start(request, caller, "s_")
-    info = StreamInfo(
-        id=stream_id,
-        owner=caller.subject,
-        model=prepared.model,
-        provider=prepared.provider.name,
-        plan=caller.plan,
-        max_tokens=prepared.request.max_tokens,
-        created_at=time.time(),
-    )
+    info, generation = await start(request, caller, "s_")
+    stream_id = info.id
     await services.manager.launch(info, generation)
-    services.metrics.stream_started("streams", caller.plan, prepared.model)
+    services.metrics.stream_started("streams", info.plan, info.model)
     ticket, expires = services.tickets.issue(stream_id, caller.subject)
     return JSONResponse(
         _links(request, stream_id, ticket, expires),
@@ -154,17 +145,8 @@ async def new_ticket(request: Request) -> Response:
 async def chat_stream(request: Request) -> SSEResponse:
     caller = principal(request)
     services = _services(request)
-    stream_id, prepared, generation = await start(request, caller, "c_")
-    info = StreamInfo(
-        id=stream_id,
-        owner=caller.subject,
-        model=prepared.model,
-        provider=prepared.provider.name,
-        plan=caller.plan,
-        max_tokens=prepared.request.max_tokens,
-        created_at=time.time(),
-    )
-    services.metrics.stream_started("chat", caller.plan, prepared.model)
+    info, generation = await start(request, caller, "c_")
+    services.metrics.stream_started("chat", info.plan, info.model)
 
     async def frames() -> AsyncIterator[bytes]:
         try:

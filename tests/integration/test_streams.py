@@ -255,3 +255,17 @@ async def test_a_stream_nobody_reads_is_cancelled_upstream(
         assert r.json()["error"]["code"] == "orphaned"
     finally:
         server.stop()
+
+
+async def test_idle_streams_get_ping_comments(
+    config_path: Any, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    server = ServerThread(relay_settings(config_path, ping_interval_s=0.2))
+    try:
+        upstream.app.push_faults([{"ttft_ms": 1200}])  # a long time to first token
+        created = await start_stream(client, server, {"model": "claude", "prompt": "slow"})
+        events = await read_events(client, server.url + created["events_url"])
+        assert events.names[-1] == "done"
+        assert events.comments.count("ping") >= 3
+    finally:
+        server.stop()
