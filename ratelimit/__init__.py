@@ -1,5 +1,26 @@
-"""Plans and their limits."""
+"""Plans and the limiter: strict sliding windows, reservations settled exactly once,
+concurrency leases; one algorithm, a memory and a Redis backend."""
 
-from .plans import Plan
+from ._exceptions import LimiterUnavailable, RateLimitError
+from .base import Decision, Demand, Limiter, Reservation
+from .memory import MemoryLimiter
+from .plans import CustomLimit, Plan
+from .redis import RedisLimiter
+from .windows import NANO_USD, WindowLimit, WindowState, evaluate
 
-__all__ = ["Plan"]
+__all__ = [
+    "NANO_USD",
+    "CustomLimit",
+    "Decision",
+    "Demand",
+    "Limiter",
+    "LimiterUnavailable",
+    "MemoryLimiter",
+    "Plan",
+    "RateLimitError",
+    "RedisLimiter",
+    "Reservation",
+    "WindowLimit",
+    "WindowState",
+    "evaluate",
+]

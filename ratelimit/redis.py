@@ -1,0 +1,126 @@
+"""The limiter in Redis: every process shares one view, decided by Lua scripts.
+
+Keys (the principal in a hash tag, so each script touches one Redis Cluster slot):
+
+    {prefix}rl:{<subject>}:w:<limit>   hash: bucket index -> weight
+    {prefix}rl:{<subject>}:c           sorted set: concurrency lease -> expiry ms
+    {prefix}rl:{<subject>}:s:<id>      "reservation <id> was settled" (idempotency)
+
+The clock is Redis `TIME`, read inside the scripts, so replicas with skewed clocks still
+agree. Every key expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .base import Decision, Demand, Limiter, Reservation
+from .windows import WindowLimit, WindowState
+
+_SAFE = re.compile(r"^[A-Za-z0-9._@:-]{1,64}$")
+_SETTLED_TTL_MS = 86_400_000
+
+
+def _script(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+class RedisLimiter(Limiter):
+    backend_errors = (RedisError, OSError)
+
+    def __init__(
+        self,
+        client: aioredis.Redis | Any,
+        *,
+        prefix: str = "sserelay:",
+        lease_ttl_ms: int = 30_000,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        """`clock` is for tests that must replay exact times; production leaves it None
+        so the scripts read Redis `TIME`. `client` may be a Redis or a RedisCluster."""
+        super().__init__(lease_ttl_ms=lease_ttl_ms)
+        self._r = client
+        self._prefix = prefix
+        self._clock = clock
+        self._acquire_script = client.register_script(_script("acquire.lua"))
+        self._settle_script = client.register_script(_script("settle.lua"))
+        self._renew_script = client.register_script(_script("renew.lua"))
+
+    def _base(self, subject: str) -> str:
+        # A subject with braces would break the hash tag: such subjects are hashed.
+        tag = subject if _SAFE.match(subject) else hashlib.sha256(subject.encode()).hexdigest()
+        return f"{self._prefix}rl:{{{tag}}}"
+
+    def _now(self) -> int:
+        return self._clock() if self._clock is not None else 0
+
+    async def _acquire(
+        self,
+        subject: str,
+        windows: tuple[WindowLimit, ...],
+        demand: Demand,
+        concurrency_limit: int | None,
+        reservation_id: str,
+        *,
+        commit: bool,
+    ) -> Decision:
+        base = self._base(subject)
+        keys = [f"{base}:c", *(f"{base}:w:{w.name}" for w in windows)]
+        args: list[Any] = [
+            self._now(),
+            reservation_id if concurrency_limit is not None else "",
+            self.lease_ttl_ms,
+            -1 if concurrency_limit is None else concurrency_limit,
+            1 if commit else 0,
+        ]
+        for w in windows:
+            args += [w.limit, w.window_ms, w.bucket_ms, demand.weight(w)]
+        reply: list[int] = await self._acquire_script(keys=keys, args=args)
+        allowed, now, in_use = bool(reply[0]), int(reply[1]), int(reply[2])
+        states = []
+        for i, window in enumerate(windows):
+            used, retry, reset = (int(v) for v in reply[3 + 3 * i : 6 + 3 * i])
+            states.append(WindowState(window, used, None if retry < 0 else retry, reset))
+        reservation = None
+        if allowed and commit:
+            reservation = Reservation(
+                reservation_id,
+                subject,
+                windows,
+                tuple(w.span(now)[1] for w in windows),
+                demand,
+                concurrency_limit is not None,
+            )
+        return Decision(allowed, now, tuple(states), concurrency_limit, in_use, reservation)
+
+    async def _settle(self, reservation: Reservation, refunds: tuple[int, ...]) -> bool:
+        base = self._base(reservation.subject)
+        keys = [f"{base}:s:{reservation.id}", f"{base}:c"]
+        keys += [f"{base}:w:{w.name}" for w in reservation.windows]
+        args: list[Any] = [_SETTLED_TTL_MS, reservation.id if reservation.lease else ""]
+        for bucket, refund in zip(reservation.buckets, refunds, strict=True):
+            args += [bucket, refund]
+        return bool(await self._settle_script(keys=keys, args=args))
+
+    async def _renew(self, reservations: Sequence[Reservation]) -> None:
+        by_subject: dict[str, list[str]] = {}
+        for r in reservations:
+            by_subject.setdefault(r.subject, []).append(r.id)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for subject, ids in by_subject.items():
+                await self._renew_script(
+                    keys=[f"{self._base(subject)}:c"],
+                    args=[self._now(), self.lease_ttl_ms, *ids],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    async def _ping(self) -> None:
+        await self._r.ping()
