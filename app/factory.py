@@ -6,6 +6,7 @@ Nothing is built at import time; the lifespan builds the services and keeps them
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
+from . import reload
 from .config import Config, load_config
 from .errors import exception_handlers
 from .middleware import RequestContextMiddleware
@@ -31,9 +33,20 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
         services = await build_services(settings, config)
         app.state.services = services
         await services.manager.start()
+        background = [asyncio.create_task(services.keep_leases(), name="lease-keeper")]
+        if settings.config is not None:
+            background.append(
+                asyncio.create_task(
+                    reload.watch(services, settings.config, settings.config_poll_s),
+                    name="config-watch",
+                )
+            )
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await services.aclose()
 
     routes: list[BaseRoute] = [*streams.routes, *meta.routes]

@@ -12,10 +12,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from auth import Principal
+from ratelimit import Demand
 from streaming import Generation, GenerationRequest, Message, Pricing, Provider, StreamInfo
+from streaming.providers import estimate_tokens
 
 from .config import ModelConfig, describe
 from .errors import ProblemError
+from .limits import admit
 from .middleware import request_id_of
 from .schemas import CompletionRequest
 from .services import Services
@@ -109,6 +112,7 @@ async def start(request: Request, caller: Principal, prefix: str) -> tuple[Strea
     services: Services = request.app.state.services
     body = await read_completion(request, services.settings.max_body_bytes)
     prepared = prepare(body, caller, services, request_id_of(request.scope))
+    decision = await admit(request, caller, services.config.plans[caller.plan], demand(prepared))
     info = StreamInfo(
         id=prefix + uuid.uuid4().hex,
         owner=caller.subject,
@@ -132,4 +136,16 @@ async def start(request: Request, caller: Principal, prefix: str) -> tuple[Strea
         pricing=Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok),
         options=services.options,
     )
+    if decision is not None and decision.reservation is not None:
+        services.reservations[info.id] = decision.reservation
     return info, generation
+
+
+def demand(prepared: Prepared) -> Demand:
+    """The worst case: the whole prompt (estimated) and every token max_tokens allows."""
+    inputs = estimate_tokens(prepared.request.prompt_chars())
+    outputs = prepared.request.max_tokens
+    spec = prepared.spec
+    # USD per million tokens is nano-USD per token times 1000.
+    cost = inputs * spec.input_usd_per_mtok * 1000 + outputs * spec.output_usd_per_mtok * 1000
+    return Demand(requests=1, tokens=inputs + outputs, cost_nano_usd=round(cost))

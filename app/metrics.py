@@ -8,6 +8,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ratelimit import Decision
 from streaming import Outcome
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -57,6 +58,15 @@ class Metrics:
         self.upstream_retries = Counter(
             "sserelay_upstream_retries", "Upstream attempts retried", ["model"], registry=r
         )
+        self.limiter_decisions = Counter(
+            "sserelay_limiter_decisions",
+            "Admission decisions, by the limit that refused",
+            ["plan", "limit", "result"],
+            registry=r,
+        )
+        self.limiter_errors = Counter(
+            "sserelay_limiter_backend_errors", "Limiter backend (Redis) failures", registry=r
+        )
         self.resumes = Counter(
             "sserelay_stream_resumes",
             "Readers resuming a stream after Last-Event-ID",
@@ -76,6 +86,12 @@ class Metrics:
         self.cost.labels(plan, model).inc(outcome.cost_usd)
         if outcome.retries:
             self.upstream_retries.labels(model).inc(outcome.retries)
+
+    def limiter_decision(self, plan: str, decision: Decision) -> None:
+        if decision.allowed:
+            self.limiter_decisions.labels(plan, "all", "allowed").inc()
+        for name in decision.violated:
+            self.limiter_decisions.labels(plan, name, "refused").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

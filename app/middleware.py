@@ -21,7 +21,8 @@ def request_id_of(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     """Gives every request an id (the caller's `X-Request-ID` when it is sane), returns
-    it, and writes one access-log line when the response ends.
+    it with any rate-limit fields a route stashed for the caller (so errors carry them
+    too), and writes one access-log line when the response ends.
 
     The line has the path but never the query string: stream tickets travel there.
     """
@@ -47,10 +48,11 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                extra = [(b"x-request-id", request_id.encode())]
+                # Rate-limit fields that a route computed for this caller, on any response.
+                for name, value in scope["state"].get("ratelimit_headers", {}).items():
+                    extra.append((name.lower().encode(), value.encode()))
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         try:

@@ -7,6 +7,7 @@ from starlette.requests import Request
 
 from auth import NotAuthenticated, Principal
 
+from .limits import report
 from .services import Services
 
 
@@ -30,10 +31,20 @@ def principal(request: Request) -> Principal:
     return services.verifier.verify(bearer_token(request))
 
 
-def stream_reader(request: Request, stream_id: str) -> str:
-    """The subject allowed to read `stream_id`: from its ticket, or from a Bearer token."""
+async def authorize(request: Request) -> Principal:
+    """The caller, with their current rate-limit state attached to the response."""
+    caller = principal(request)
+    await report(request, caller)
+    return caller
+
+
+async def stream_reader(request: Request, stream_id: str) -> Principal:
+    """Who may read `stream_id`: from its ticket, or from a Bearer token."""
     ticket = request.query_params.get("ticket")
     services: Services = request.app.state.services
-    if ticket is not None:
-        return services.tickets.verify(ticket, stream_id)
-    return principal(request).subject
+    caller = (
+        services.tickets.verify(ticket, stream_id) if ticket is not None else principal(request)
+    )
+    if caller.plan in services.config.plans:
+        await report(request, caller)
+    return caller

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from auth import TicketService, TokenIssuer, TokenVerifier
+from ratelimit import (
+    NANO_USD,
+    Limiter,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RedisLimiter,
+    Reservation,
+)
 from streaming import (
     AnthropicProvider,
     MemoryStreamLog,
@@ -46,9 +55,60 @@ class Services:
     options: PipelineOptions
     metrics: Metrics
     redis: aioredis.Redis | None
+    limiter: Limiter
+    secret: bytes
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    """Admissions of the streams running in this process, by stream id, until settled."""
+
+    def verifier_for(self, config: Config) -> TokenVerifier:
+        return TokenVerifier(
+            self.secret,
+            plans=config.plans.keys(),
+            default_plan=config.default_plan,
+            issuer=self.settings.jwt_issuer,
+            audience=self.settings.jwt_audience,
+        )
+
+    def apply_plans(self, config: Config) -> None:
+        """Take new plans (and default plan) from a reloaded file. Providers and models
+        keep their running connections: changing those needs a restart."""
+        merged = Config.model_validate(
+            {**self.config.model_dump(), "plans": config.plans, "default_plan": config.default_plan}
+        )
+        self.config = merged
+        self.verifier = self.verifier_for(merged)
+
+    async def settle(self, stream_id: str, outcome: Outcome) -> None:
+        """Bill what the stream actually used against its admission, once."""
+        reservation = self.reservations.pop(stream_id, None)
+        if reservation is None:
+            return
+        try:
+            await self.limiter.settle(
+                reservation,
+                tokens=outcome.input_tokens + outcome.output_tokens,
+                cost_nano_usd=round(outcome.cost_usd * NANO_USD),
+            )
+        except LimiterUnavailable as exc:
+            # The reservation stays counted at its worst case (the safe side) and its
+            # lease expires by itself.
+            self.metrics.limiter_errors.inc()
+            logger.error("stream %s: cannot settle usage: %s", stream_id, exc)
+
+    async def keep_leases(self) -> None:
+        """Renew the concurrency leases of running streams until cancelled."""
+        interval = self.limiter.lease_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.limiter.renew(list(self.reservations.values()))
+            except LimiterUnavailable as exc:
+                self.metrics.limiter_errors.inc()
+                logger.warning("cannot renew concurrency leases: %s", exc)
 
     async def stream_finished(self, route: str, info: StreamInfo, outcome: Outcome) -> None:
         """Runs exactly once per stream, however it ended."""
+        await self.settle(info.id, outcome)
         self.metrics.stream_finished(route, info.plan, info.model, outcome)
         stream_log.info(
             "stream %s %s",
@@ -137,16 +197,11 @@ async def build_services(settings: Settings, config: Config) -> Services:
             "development mode: no SSERELAY_JWT_SECRET, so tokens are signed with a random "
             "key and the demo page may fetch one from /v1/auth/dev-token"
         )
-    verifier = TokenVerifier(
-        secret,
-        plans=config.plans.keys(),
-        default_plan=config.default_plan,
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-    )
     client: aioredis.Redis | None = None
+    limiter: Limiter
     log: StreamLog
     ttl, duration = settings.stream_ttl_s, settings.max_stream_duration_s
+    lease_ms = int(settings.concurrency_lease_s * 1000)
     if settings.redis_url:
         client, tail = redis_clients(settings.redis_url, settings.redis_max_connections)
         log = RedisStreamLog(
@@ -157,10 +212,12 @@ async def build_services(settings: Settings, config: Config) -> Services:
             max_duration_s=duration,
             max_events=settings.max_stream_events,
         )
+        limiter = RedisLimiter(client, prefix=settings.redis_prefix, lease_ttl_ms=lease_ms)
     else:
         log = MemoryStreamLog(
             ttl_s=ttl, max_duration_s=duration, max_events=settings.max_stream_events
         )
+        limiter = MemoryLimiter(lease_ttl_ms=lease_ms)
 
     services_ref: list[Services] = []
 
@@ -189,7 +246,7 @@ async def build_services(settings: Settings, config: Config) -> Services:
     services = Services(
         settings=settings,
         config=config,
-        verifier=verifier,
+        verifier=TokenVerifier(secret, plans=(), default_plan=config.default_plan),
         tickets=TicketService(secret, ttl_s=settings.ticket_ttl_s),
         issuer=issuer,
         log=log,
@@ -198,6 +255,9 @@ async def build_services(settings: Settings, config: Config) -> Services:
         options=options,
         metrics=Metrics(lambda: manager.active),
         redis=client,
+        limiter=limiter,
+        secret=secret,
     )
+    services.verifier = services.verifier_for(config)
     services_ref.append(services)
     return services

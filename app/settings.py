@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     cors_origins: str | None = None
 
+    limiter_fail_mode: Literal["closed", "open"] = "closed"
+    """What to do when Redis cannot be reached to check limits: refuse (503) or admit."""
+    concurrency_lease_s: float = Field(default=30, ge=3)
+    config_poll_s: float = Field(default=2, gt=0)
+    """How often the config file is checked for changes (plans reload without restart)."""
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
@@ -31,6 +31,7 @@ class SSEResponse:
         ping_s: float,
         retry_ms: int | None = None,
         headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if ping_s <= 0:
             raise ValueError("ping_s must be positive")  # a zero interval would spin
@@ -38,6 +39,7 @@ class SSEResponse:
         self.ping_s = ping_s
         self.retry_ms = retry_ms
         self.headers = dict(headers or {})
+        self.on_close = on_close
         self.client_gone = False
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
@@ -50,6 +52,15 @@ class SSEResponse:
         return [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`on_close` runs once the response is over, however it ended, even if the
+        frames were never started (a client gone before the first byte)."""
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                await self.on_close()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})

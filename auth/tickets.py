@@ -15,6 +15,7 @@ import time
 import jwt
 
 from ._exceptions import NotAuthenticated
+from .tokens import Principal
 
 _AUDIENCE = "sserelay:stream"
 
@@ -24,21 +25,28 @@ class TicketService:
         self._key = hmac.new(secret, b"sserelay stream tickets", hashlib.sha256).digest()
         self.ttl_s = ttl_s
 
-    def issue(self, stream_id: str, subject: str) -> tuple[str, int]:
+    def issue(self, stream_id: str, subject: str, plan: str) -> tuple[str, int]:
         now = int(time.time())
         expires = now + int(self.ttl_s)
-        claims = {"sid": stream_id, "sub": subject, "iat": now, "exp": expires, "aud": _AUDIENCE}
+        claims = {
+            "sid": stream_id,
+            "sub": subject,
+            "plan": plan,
+            "iat": now,
+            "exp": expires,
+            "aud": _AUDIENCE,
+        }
         return jwt.encode(claims, self._key, algorithm="HS256"), expires
 
-    def verify(self, ticket: str, stream_id: str) -> str:
-        """The subject the ticket was issued to, if it is valid for `stream_id`."""
+    def verify(self, ticket: str, stream_id: str) -> Principal:
+        """Who the ticket was issued to, if it is valid for `stream_id`."""
         try:
             claims = jwt.decode(
                 ticket,
                 self._key,
                 algorithms=["HS256"],
                 audience=_AUDIENCE,
-                options={"require": ["exp", "sub", "sid"]},
+                options={"require": ["exp", "sub", "sid", "plan"]},
             )
         except jwt.ExpiredSignatureError as exc:
             raise NotAuthenticated("the stream ticket has expired", code="ticket_expired") from exc
@@ -46,4 +54,4 @@ class TicketService:
             raise NotAuthenticated("the stream ticket is not valid", code="invalid_ticket") from exc
         if claims["sid"] != stream_id:
             raise NotAuthenticated("the stream ticket is for another stream", code="invalid_ticket")
-        return str(claims["sub"])
+        return Principal(str(claims["sub"]), str(claims["plan"]))

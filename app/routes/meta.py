@@ -9,17 +9,20 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ratelimit import LimiterUnavailable
 from streaming import StreamingError
 
+from ..errors import ProblemError
+from ..limits import report, usage_body
 from ..metrics import CONTENT_TYPE
-from ..security import principal
+from ..security import authorize, principal
 from ..services import Services
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 async def list_models(request: Request) -> Response:
-    caller = principal(request)
+    caller = await authorize(request)
     services: Services = request.app.state.services
     plan = services.config.plans[caller.plan]
     data = [
@@ -38,6 +41,19 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"plan": caller.plan, "data": data})
 
 
+async def usage(request: Request) -> Response:
+    caller = principal(request)
+    decision = await report(request, caller)
+    if decision is None:
+        raise ProblemError(
+            503,
+            "limiter_unavailable",
+            "usage cannot be read right now",
+            headers={"Retry-After": "1"},
+        )
+    return JSONResponse(usage_body(caller, decision))
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -50,6 +66,12 @@ async def readyz(request: Request) -> Response:
         checks["stream_log"] = "ok"
     except StreamingError as exc:
         checks["stream_log"] = exc.message
+    try:
+        await services.limiter.ping()
+        checks["limiter"] = "ok"
+    except LimiterUnavailable as exc:
+        services.metrics.limiter_errors.inc()
+        checks["limiter"] = str(exc)
     for name, provider in services.providers.items():
         checks[f"provider:{name}"] = "ok" if await provider.ready() else "unavailable"
     ready = all(v == "ok" for v in checks.values())
@@ -76,6 +98,7 @@ async def index(request: Request) -> Response:
 
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/usage", usage, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from streaming import Event, StreamInfo, StreamNotFound, follow
+from streaming import Event, Outcome, StreamInfo, StreamNotFound, follow
 
 from ..errors import ProblemError
 from ..generation import start
-from ..security import principal, stream_reader
+from ..security import authorize, principal, stream_reader
 from ..services import Services
 from ..sse import SSEResponse
 
@@ -47,9 +47,13 @@ async def create_stream(request: Request) -> Response:
     services = _services(request)
     info, generation = await start(request, caller, "s_")
     stream_id = info.id
-    await services.manager.launch(info, generation)
+    try:
+        await services.manager.launch(info, generation)
+    except Exception:
+        await services.settle(info.id, Outcome())  # nothing was used
+        raise
     services.metrics.stream_started("streams", info.plan, info.model)
-    ticket, expires = services.tickets.issue(stream_id, caller.subject)
+    ticket, expires = services.tickets.issue(stream_id, caller.subject, caller.plan)
     return JSONResponse(
         _links(request, stream_id, ticket, expires),
         status_code=201,
@@ -77,8 +81,8 @@ def _last_event_id(request: Request) -> int:
 async def stream_events(request: Request) -> Response | SSEResponse:
     stream_id = request.path_params["stream_id"]
     services = _services(request)
-    subject = stream_reader(request, stream_id)
-    info = await _owned(services, stream_id, subject)
+    reader = await stream_reader(request, stream_id)
+    info = await _owned(services, stream_id, reader.subject)
     after = _last_event_id(request)
     if after:
         services.metrics.resumes.inc()
@@ -99,7 +103,7 @@ async def stream_events(request: Request) -> Response | SSEResponse:
 
 
 async def stream_status(request: Request) -> Response:
-    caller = principal(request)
+    caller = await authorize(request)
     services = _services(request)
     stream_id = request.path_params["stream_id"]
     info = await _owned(services, stream_id, caller.subject)
@@ -121,7 +125,7 @@ async def stream_status(request: Request) -> Response:
 
 
 async def cancel_stream(request: Request) -> Response:
-    caller = principal(request)
+    caller = await authorize(request)
     services = _services(request)
     stream_id = request.path_params["stream_id"]
     info = await _owned(services, stream_id, caller.subject)
@@ -134,11 +138,11 @@ async def cancel_stream(request: Request) -> Response:
 async def new_ticket(request: Request) -> Response:
     """A fresh ticket for a stream the caller owns: how a page resumes after the ticket
     its EventSource was using expired."""
-    caller = principal(request)
+    caller = await authorize(request)
     services = _services(request)
     stream_id = request.path_params["stream_id"]
     await _owned(services, stream_id, caller.subject)
-    ticket, expires = services.tickets.issue(stream_id, caller.subject)
+    ticket, expires = services.tickets.issue(stream_id, caller.subject, caller.plan)
     return JSONResponse(_links(request, stream_id, ticket, expires))
 
 
@@ -149,17 +153,17 @@ async def chat_stream(request: Request) -> SSEResponse:
     services.metrics.stream_started("chat", info.plan, info.model)
 
     async def frames() -> AsyncIterator[bytes]:
-        try:
-            async for event in generation.events():
-                yield event.frame()
-        finally:
-            # Closed or cancelled before the end: the client left, and closing the
-            # generation has already cancelled the upstream request.
-            if generation.outcome.status == "running":
-                generation.end("client_gone", error_code="client_gone")
-            await services.stream_finished("chat", info, generation.outcome)
+        async for event in generation.events():
+            yield event.frame()
 
-    return SSEResponse(frames(), ping_s=services.settings.ping_interval_s)
+    async def finished() -> None:
+        # Closed or cancelled before the end: the client left, and closing the
+        # generation has already cancelled the upstream request.
+        if generation.outcome.status == "running":
+            generation.end("client_gone", error_code="client_gone")
+        await services.stream_finished("chat", info, generation.outcome)
+
+    return SSEResponse(frames(), ping_s=services.settings.ping_interval_s, on_close=finished)
 
 
 routes = [

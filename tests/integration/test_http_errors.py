@@ -151,7 +151,7 @@ async def test_unknown_plan_is_403(relay: ServerThread, client: httpx.AsyncClien
 async def test_expired_ticket(config_path: Any, client: httpx.AsyncClient) -> None:
     from auth import TicketService
 
-    ticket, _ = TicketService(SECRET.encode(), ttl_s=-120).issue("s_x", "alice")
+    ticket, _ = TicketService(SECRET.encode(), ttl_s=-120).issue("s_x", "alice", "pro")
     server = ServerThread(relay_settings(config_path))
     try:
         r = await client.get(server.url + "/v1/streams/s_x/events", params={"ticket": ticket})
