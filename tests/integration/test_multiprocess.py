@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -95,3 +97,45 @@ async def test_a_reader_is_told_when_the_generating_process_dies(
     assert tail.names[-1] == "error", tail.names
     error = tail.last("error")
     assert error["code"] == "stream_lost" and error["retryable"] is True
+
+
+async def test_two_processes_admit_exactly_the_limit(
+    tmp_path: Path, upstream: Any, redis_url: str, client: httpx.AsyncClient
+) -> None:
+    """200 concurrent requests, split across two processes sharing Redis, against a limit
+    of 50 per minute: exactly 50 admitted, the rest refused with the right fields."""
+    from tests.support import write_config
+
+    config = write_config(
+        tmp_path, upstream.url, extra_plans={"fifty": {"requests_per_minute": 50}}, name="fifty"
+    )
+    env = {
+        "SSERELAY_REDIS_URL": redis_url,
+        "SSERELAY_REDIS_PREFIX": f"t-{uuid.uuid4().hex[:6]}:",
+        "SSERELAY_JWT_SECRET": SECRET,
+        "SSERELAY_CONFIG": str(config),
+    }
+    a, b = ServerProcess(env), ServerProcess(env)
+    try:
+        headers = auth("burst-user", "fifty")
+        body = {"model": "sim-fast", "prompt": "burst", "max_tokens": 1}
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as burst:
+            responses = await asyncio.gather(
+                *(
+                    burst.post((a if i % 2 else b).url + "/v1/streams", json=body, headers=headers)
+                    for i in range(200)
+                )
+            )
+        codes = [r.status_code for r in responses]
+        assert codes.count(201) == 50 and codes.count(429) == 150
+        for r in responses:
+            assert '"requests_per_minute";q=50;w=60' in r.headers["ratelimit-policy"]
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["violated"] == ["requests_per_minute"]
+                assert '"requests_per_minute";r=0;' in r.headers["ratelimit"]
+        assert {r.url.port for r in responses if r.status_code == 201} == {a.port, b.port}
+    finally:
+        a.stop()
+        b.stop()

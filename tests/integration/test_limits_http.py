@@ -1,0 +1,244 @@
+"""Plans enforced over real HTTP: 429s with the right fields, RateLimit headers, usage,
+reservations settled to actual usage however a stream ends, concurrency leases, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from bench.fake_upstream import FakeUpstreamServer
+from tests.support import ServerThread, auth, collect, relay_settings, sse_events, write_config
+
+PLANS = {
+    "rpm3": {"requests_per_minute": 3, "requests_per_day": 100},
+    "metered": {"tokens_per_minute": 100_000, "daily_budget_usd": 1.0},
+    "single": {"concurrent_streams": 1},
+    "tight": {"tokens_per_minute": 500},
+}
+
+
+@pytest.fixture(scope="module")
+def limited(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer, redis_url: str
+) -> Iterator[ServerThread]:
+    config = write_config(
+        tmp_path_factory.mktemp("limits"), upstream.url, extra_plans=PLANS, name="limits"
+    )
+    server = ServerThread(
+        relay_settings(
+            config,
+            redis_url=redis_url,
+            redis_prefix=f"t-{uuid.uuid4().hex[:6]}:",
+            orphan_grace_s=0.8,
+            supervisor_tick_s=0.1,
+        )
+    )
+    yield server
+    server.stop()
+
+
+def who(plan: str) -> dict[str, str]:
+    return auth(f"user-{uuid.uuid4().hex[:8]}", plan)
+
+
+BODY = {"model": "sim-fast", "prompt": "limits", "max_tokens": 5}
+
+
+async def test_requests_over_the_limit_get_429_with_the_right_fields(
+    limited: ServerThread, client: httpx.AsyncClient
+) -> None:
+    headers = who("rpm3")
+    for i in range(3):
+        r = await client.post(limited.url + "/v1/chat/stream", json=BODY, headers=headers)
+        assert r.status_code == 200
+        assert f'"requests_per_minute";r={2 - i};' in r.headers["ratelimit"]
+    r = await client.post(limited.url + "/v1/chat/stream", json=BODY, headers=headers)
+    assert r.status_code == 429
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["code"] == "rate_limited" and problem["violated"] == ["requests_per_minute"]
+    retry = int(r.headers["retry-after"])
+    assert 1 <= retry <= 61 and problem["retry_after_s"] == retry
+    policy = r.headers["ratelimit-policy"]
+    assert '"requests_per_minute";q=3;w=60;qu="requests"' in policy
+    assert '"requests_per_day";q=100;w=86400' in policy
+    # The reset announced is no earlier than the Retry-After.
+    assert f'"requests_per_minute";r=0;t={retry}' in r.headers["ratelimit"]
+    # Refusals take nothing: the day window counted only the three admissions.
+    usage = (await client.get(limited.url + "/v1/usage", headers=headers)).json()
+    by_name = {limit["name"]: limit for limit in usage["limits"]}
+    assert by_name["requests_per_day"]["used"] == 3
+    assert by_name["requests_per_minute"]["remaining"] == 0
+
+
+async def test_every_v1_response_carries_the_fields(
+    limited: ServerThread, client: httpx.AsyncClient
+) -> None:
+    headers = who("rpm3")
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/usage"),
+        ("GET", "/v1/streams/s_missing"),
+    ]:
+        r = await client.request(method, limited.url + path, headers=headers)
+        assert "ratelimit-policy" in r.headers and "ratelimit" in r.headers, path
+    created = (await client.post(limited.url + "/v1/streams", json=BODY, headers=headers)).json()
+    async with client.stream("GET", limited.url + created["events_url"]) as response:
+        assert '"requests_per_minute"' in response.headers["ratelimit"]
+        await collect(response)
+
+
+async def _usage(
+    client: httpx.AsyncClient, server: ServerThread, headers: dict[str, str]
+) -> dict[str, Any]:
+    usage: dict[str, Any] = (await client.get(server.url + "/v1/usage", headers=headers)).json()
+    return usage
+
+
+def _tokens_used(usage: dict[str, Any]) -> int:
+    return int(next(x["used"] for x in usage["limits"] if x["name"] == "tokens_per_minute"))
+
+
+async def _settled(
+    client: httpx.AsyncClient, server: ServerThread, headers: dict[str, str], want: int
+) -> dict[str, Any]:
+    """Settlement runs when the stream's task ends, a moment after its last event."""
+    for _ in range(100):
+        usage = await _usage(client, server, headers)
+        if _tokens_used(usage) == want:
+            return usage
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"tokens used {_tokens_used(usage)} != {want}")
+
+
+async def test_a_finished_stream_is_billed_its_actual_usage(
+    limited: ServerThread, client: httpx.AsyncClient
+) -> None:
+    headers = who("metered")
+    r = await client.post(
+        limited.url + "/v1/streams",
+        json={"model": "claude", "prompt": "x" * 400, "max_tokens": 1000},
+        headers=headers,
+    )
+    # Reserved: about 100 input tokens + 1000 max_tokens, and their worst-case cost.
+    reserved = _tokens_used(await _usage(client, limited, headers))
+    assert reserved >= 1100
+    async with client.stream("GET", limited.url + r.json()["events_url"]) as response:
+        done = (await collect(response)).last("done")
+    actual = done["usage"]["input_tokens"] + done["usage"]["output_tokens"]
+    usage = await _settled(client, limited, headers, actual)
+    assert usage["budget"]["spent_usd"] == pytest.approx(done["cost_usd"], abs=1e-8)
+
+
+@pytest.mark.parametrize("ending", ["upstream_error", "cancelled", "orphaned", "client_gone"])
+async def test_every_ending_settles_to_what_was_used(
+    limited: ServerThread, upstream: FakeUpstreamServer, client: httpx.AsyncClient, ending: str
+) -> None:
+    headers = who("metered")
+    body = {"model": "gpt", "prompt": "y" * 40, "max_tokens": 1000}
+    if ending == "upstream_error":
+        upstream.app.push_faults([{"fault": "drop", "fault_after": 7}])
+    else:
+        upstream.app.push_faults([{"tokens": 1000, "tokens_per_second": 40}])
+    if ending == "client_gone":
+        async with client.stream(
+            "POST", limited.url + "/v1/chat/stream", json=body, headers=headers
+        ) as response:
+            await collect(response, stop_after=6)
+        await asyncio.sleep(0.3)  # the proxy notices and closes the upstream
+        record = upstream.app.records[-1]
+        assert record.client_closed
+        # At least what was relayed is billed; the upstream may have sent a few more.
+        used = _tokens_used(await _usage(client, limited, headers))
+        assert 10 + 3 <= used <= 10 + record.tokens_sent
+        return
+    r = await client.post(limited.url + "/v1/streams", json=body, headers=headers)
+    created = r.json()
+    final: dict[str, Any]
+    if ending == "orphaned":
+        for _ in range(100):
+            status = (await client.get(limited.url + created["status_url"], headers=headers)).json()
+            if status["status"] != "running":
+                break
+            await asyncio.sleep(0.05)
+        final = status["error"]
+    else:
+        async with client.stream("GET", limited.url + created["events_url"]) as response:
+            items = sse_events(response)
+            await collect(items, stop_after=4)
+            if ending == "cancelled":
+                await client.delete(limited.url + created["status_url"], headers=headers)
+            final = (await collect(items)).last("error")
+    assert final["code"] == {"upstream_error": "upstream_dropped"}.get(ending, ending)
+    actual = final["usage"]["input_tokens"] + final["usage"]["output_tokens"]
+    assert 0 < final["usage"]["output_tokens"] < 1000
+    await _settled(client, limited, headers, actual)
+
+
+async def test_concurrent_streams_are_leased(
+    limited: ServerThread, client: httpx.AsyncClient
+) -> None:
+    headers = who("single")
+    body = {"model": "sim-slow", "prompt": "one at a time", "max_tokens": 200}
+    first = (await client.post(limited.url + "/v1/streams", json=body, headers=headers)).json()
+    second = await client.post(limited.url + "/v1/streams", json=body, headers=headers)
+    assert second.status_code == 429 and second.json()["violated"] == ["concurrent_streams"]
+    assert '"concurrent_streams";r=0' in second.headers["ratelimit"]
+    usage = await _usage(client, limited, headers)
+    assert usage["concurrent_streams"] == {"limit": 1, "in_use": 1, "remaining": 0}
+    await client.delete(limited.url + first["status_url"], headers=headers)
+    for _ in range(100):
+        r = await client.post(limited.url + "/v1/streams", json=body, headers=headers)
+        if r.status_code == 201:
+            break
+        await asyncio.sleep(0.05)
+    assert r.status_code == 201
+    await client.delete(limited.url + r.json()["status_url"], headers=headers)
+
+
+async def test_a_request_that_can_never_fit_the_plan(
+    limited: ServerThread, client: httpx.AsyncClient
+) -> None:
+    r = await client.post(
+        limited.url + "/v1/streams",
+        json={"model": "sim-fast", "prompt": "x", "max_tokens": 600},
+        headers=who("tight"),
+    )
+    assert r.status_code == 422 and r.json()["code"] == "exceeds_plan_limit"
+
+
+async def test_plans_reload_when_the_file_changes(
+    tmp_path: Path, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    config = write_config(
+        tmp_path, upstream.url, extra_plans={"r": {"requests_per_minute": 1}}, name="reload"
+    )
+    server = ServerThread(relay_settings(config, config_poll_s=0.05))
+    try:
+        headers = who("r")
+        url = server.url + "/v1/chat/stream"
+        assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
+        assert (await client.post(url, json=BODY, headers=headers)).status_code == 429
+        raw = yaml.safe_load(config.read_text())
+        raw["plans"]["r"]["requests_per_minute"] = 5
+        config.write_text(yaml.safe_dump(raw))
+        for _ in range(100):
+            r = await client.post(url, json=BODY, headers=headers)
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert r.status_code == 200
+        # A broken file keeps the running plans.
+        config.write_text("plans: [")
+        await asyncio.sleep(0.3)
+        assert server.services.config.plans["r"].requests_per_minute == 5
+        assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
+    finally:
+        server.stop()
