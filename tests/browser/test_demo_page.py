@@ -27,7 +27,12 @@ def demo(
     tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer
 ) -> Iterator[ServerThread]:
     """Development mode (no key: the page gets its own token), a short ticket life."""
-    config = write_config(tmp_path_factory.mktemp("demo"), upstream.url, default_plan="pro")
+    config = write_config(
+        tmp_path_factory.mktemp("demo"),
+        upstream.url,
+        default_plan="demo",
+        extra_plans={"demo": {"requests_per_minute": 100, "daily_budget_usd": 1.0}},
+    )
     server = ServerThread(relay_settings(config, jwt_secret=None, ticket_ttl_s=2))
     yield server
     server.stop()
@@ -92,6 +97,13 @@ async def test_streams_to_100_percent_with_the_exact_text(page: Page) -> None:
     cost = (estimate_tokens(len(PROMPT)) * 1.0 + 25 * 5.0) / 1e6  # sim-fast prices
     assert await page.text_content("#cost") == f"${cost:.6f}"
     assert await page.text_content("#tokens") == "25"
+    # The usage panel shows what is left, updated after the stream.
+    await page.wait_for_selector("#usage:not([hidden])")
+    await page.wait_for_function(
+        "document.querySelector('#usage-list').textContent.includes('of $1.000000')"
+    )
+    usage = await page.text_content("#usage-list") or ""
+    assert "requests per minute" in usage and "daily budget" in usage
 
 
 async def test_a_dropped_connection_resumes_without_loss_or_duplicates(page: Page) -> None:
