@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute
 from . import reload
 from .config import Config, load_config
 from .errors import exception_handlers
+from .logs import configure
 from .middleware import RequestContextMiddleware
 from .routes import auth, meta, streams
 from .services import build_services
@@ -74,5 +75,8 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
 
 
 def app_from_env() -> Starlette:
-    """Factory for `uvicorn --factory app.factory:app_from_env` (one per worker)."""
-    return create_app()
+    """Factory for `uvicorn --factory app.factory:app_from_env` (one per worker): each
+    worker is a fresh process, so it sets up its own logging."""
+    settings = Settings()
+    configure(settings.log_format, settings.log_level)
+    return create_app(settings)

@@ -16,6 +16,13 @@ def clean(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+def clean_nonempty(text: str) -> str:
+    cleaned = clean(text)
+    if not cleaned.strip():
+        raise ValueError("must contain text (control characters are removed)")
+    return cleaned
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,7 +32,7 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _clean(cls, value: str) -> str:
-        return clean(value)
+        return clean_nonempty(value)
 
 
 class CompletionRequest(BaseModel):
@@ -39,9 +46,14 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     metadata: dict[str, str | int | float | bool] | None = Field(default=None, max_length=16)
 
-    @field_validator("prompt", "system")
+    @field_validator("prompt")
     @classmethod
-    def _clean(cls, value: str | None) -> str | None:
+    def _clean_prompt(cls, value: str | None) -> str | None:
+        return clean_nonempty(value) if value is not None else None
+
+    @field_validator("system")
+    @classmethod
+    def _clean_system(cls, value: str | None) -> str | None:
         return clean(value) if value is not None else None
 
     @model_validator(mode="after")

@@ -100,18 +100,25 @@ class StreamManager:
             message, retryable = _REASONS["log_failed"]
             generation.abort("log_failed", message, retryable=retryable, status="error")
         finally:
-            await writer.close()
+            # From here on the stream is ending: a late cancel must not interrupt the
+            # bookkeeping, or the finish hook would never run and the stream would stay
+            # "running" in the log.
+            self._reasons.setdefault(info.id, "finishing")
+            await asyncio.shield(self._finish(info, generation, writer))
+
+    async def _finish(self, info: StreamInfo, generation: Generation, writer: LogWriter) -> None:
+        await writer.close()
+        try:
+            await self.log.finish(info.id, generation.outcome.status)
+        except StreamingError as exc:
+            logger.error("stream %s: cannot record its end: %s", info.id, exc)
+        self._running.pop(info.id, None)
+        self._reasons.pop(info.id, None)
+        if self._on_finish is not None:
             try:
-                await self.log.finish(info.id, generation.outcome.status)
-            except StreamingError as exc:
-                logger.error("stream %s: cannot record its end: %s", info.id, exc)
-            self._running.pop(info.id, None)
-            self._reasons.pop(info.id, None)
-            if self._on_finish is not None:
-                try:
-                    await self._on_finish(info, generation.outcome)
-                except Exception:
-                    logger.exception("stream %s: finish hook failed", info.id)
+                await self._on_finish(info, generation.outcome)
+            except Exception:
+                logger.exception("stream %s: finish hook failed", info.id)
 
     async def _supervise(self) -> None:
         while True:

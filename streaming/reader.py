@@ -28,7 +28,7 @@ async def follow(
             next_touch = now + heartbeat
             liveness = await log.touch_reader(stream_id, grace_s)
             if liveness is None:
-                yield _lost(last, "stream_expired", "the stream no longer exists")
+                yield _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
                 return
         events = await log.read(stream_id, last, block_s=heartbeat)
         for event in events:
@@ -41,7 +41,7 @@ async def follow(
         next_touch = time.monotonic() + heartbeat
         liveness = await log.touch_reader(stream_id, grace_s)
         if liveness is None:
-            yield _lost(last, "stream_expired", "the stream no longer exists")
+            yield _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
             return
         if liveness.status == "running" and liveness.generating:
             continue
@@ -53,9 +53,14 @@ async def follow(
             if event.terminal:
                 return
         if not tail:
-            yield _lost(last, "stream_lost", "the stream stopped before it finished")
-            return
+            # The end is written to the log, so every reader, now or reconnecting, sees
+            # the same terminal event under a real id; if the generator got there
+            # first it is alive after all, and reading simply goes on.
+            lost = _lost(last, "stream_lost", "the stream stopped before it finished")
+            if await log.claim_end(stream_id, lost):
+                yield lost
+                return
 
 
-def _lost(last: int, code: str, message: str) -> Event:
-    return EventEncoder(last)("error", {"code": code, "message": message, "retryable": True})
+def _lost(last: int, code: str, message: str, *, retryable: bool = True) -> Event:
+    return EventEncoder(last)("error", {"code": code, "message": message, "retryable": retryable})

@@ -28,13 +28,14 @@ class UpstreamPolicy:
     backoff_base_s: float = 0.25
     backoff_max_s: float = 8.0
 
-    def backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Full jitter (AWS architecture blog), but never earlier than the provider asked."""
+    def backoff(self, attempt: int, retry_after: float | None) -> float | None:
+        """Full jitter (AWS architecture blog), never earlier than the provider asked.
+        None when the provider asks for longer than `backoff_max_s`: holding the client
+        that long is worse than telling it (the error carries the provider's hint)."""
+        if retry_after is not None and retry_after > self.backoff_max_s:
+            return None
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(0, ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max_s))
-        return delay
+        return max(random.uniform(0, ceiling), retry_after or 0.0)
 
 
 async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]:
@@ -84,10 +85,13 @@ async def pump(
         try:
             async with asyncio.timeout(policy.first_token_timeout_s) as deadline:
                 async for chunk in source:
-                    deadline.reschedule(loop.time() + policy.idle_timeout_s)
                     if relayed:
+                        deadline.reschedule(loop.time() + policy.idle_timeout_s)
                         put(chunk)
                     elif isinstance(chunk, TextDelta | Stop):
+                        # Only text ends the wait for the first token: usage that some
+                        # providers send at once must not turn it into the idle timeout.
+                        deadline.reschedule(loop.time() + policy.idle_timeout_s)
                         relayed = True
                         for early in held:
                             put(early)
@@ -107,10 +111,10 @@ async def pump(
             error = exc
         finally:
             await source.aclose()
-        if relayed or not error.retryable or attempt >= policy.max_attempts:
+        delay = policy.backoff(attempt, error.retry_after)
+        if relayed or not error.retryable or attempt >= policy.max_attempts or delay is None:
             put(error)
             return
-        delay = policy.backoff(attempt, error.retry_after)
         logger.info(
             "retrying provider %s after %s (attempt %d, in %.2fs)",
             provider.name,

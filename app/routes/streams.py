@@ -107,6 +107,9 @@ async def stream_status(request: Request) -> Response:
     services = _services(request)
     stream_id = request.path_params["stream_id"]
     info = await _owned(services, stream_id, caller.subject)
+    if info.status == "running":
+        # Polling is reading: a client on the polling fallback keeps its stream alive.
+        await services.log.touch_reader(stream_id, services.settings.orphan_grace_s)
     text: list[str] = []
     body: dict[str, Any] = {**info.as_dict(), "last_event_id": 0}
     after = 0

@@ -56,7 +56,8 @@ class Tailer:
         self._block_ms = int(block_s * 1000)
         self._count = count
         self._waiters: dict[str, list[_Waiter]] = {}
-        self._covered: frozenset[str] = frozenset()
+        self._covered: dict[str, int] = {}
+        """What the in-flight XREAD asks for: stream key -> the id it reads after."""
         self._client_id: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._unblocking: asyncio.Task[None] | None = None
@@ -69,8 +70,12 @@ class Tailer:
         self._waiters.setdefault(key, []).append(waiter)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="stream-log-tailer")
-        elif key not in self._covered:
-            self._interrupt()
+        else:
+            covered = self._covered.get(key)
+            if covered is None or after < covered:
+                # The in-flight XREAD does not ask for this stream, or asks only from a
+                # later id than this waiter needs.
+                self._interrupt()
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
@@ -110,10 +115,8 @@ class Tailer:
                 if self._client_id is None:
                     self._client_id = int(await self._tail.client_id())
                 self._round += 1
-                streams: dict[Any, Any] = {
-                    key: f"0-{min(w.after for w in ws)}" for key, ws in self._waiters.items()
-                }
-                self._covered = frozenset(streams)
+                self._covered = {key: min(w.after for w in ws) for key, ws in self._waiters.items()}
+                streams: dict[Any, Any] = {k: f"0-{a}" for k, a in self._covered.items()}
                 reply: Any = await self._tail.xread(
                     streams, count=self._count, block=self._block_ms
                 )
@@ -139,7 +142,7 @@ class Tailer:
                 waiters[:] = [w for w in waiters if not w.future.done()]
                 if not waiters:
                     self._waiters.pop(key.decode(), None)
-        self._covered = frozenset()
+        self._covered = {}
 
     async def aclose(self) -> None:
         for task in (self._task, self._unblocking):

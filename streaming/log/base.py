@@ -87,6 +87,12 @@ class StreamLog(abc.ABC):
         """Events with id > `after`, waiting up to `block_s` for the first one."""
 
     @abc.abstractmethod
+    async def claim_end(self, stream_id: str, event: Event) -> bool:
+        """Append `event` as the stream's end, if its id is the next one, and mark the
+        stream `lost`. False (nothing written) if the stream moved on meanwhile: then
+        its generator is alive after all, and will write the next event itself."""
+
+    @abc.abstractmethod
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         """A reader is attached (for `grace_s` more); returns the stream's liveness."""
 
@@ -122,6 +128,8 @@ class LogWriter:
         self.error: BaseException | None = None
 
     def add(self, event: Event) -> None:
+        if self.error is not None:
+            return  # after a failed append, a later one would leave a gap in the ids
         self._pending.append(event)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())

@@ -115,6 +115,14 @@ class MemoryStreamLog(StreamLog):
             start = bisect.bisect_right(entry.ids, after)
         return entry.events[start : start + limit]
 
+    async def claim_end(self, stream_id: str, event: Event) -> bool:
+        entry = self._get(stream_id)
+        if entry is None or (entry.ids[-1] if entry.ids else 0) != event.id - 1:
+            return False
+        await self.append(stream_id, [event])
+        await self.finish(stream_id, "lost")
+        return True
+
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         entry = self._get(stream_id)
         if entry is None:

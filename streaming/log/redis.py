@@ -20,7 +20,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .._exceptions import StreamLogError
 from ..events import Event
@@ -120,6 +120,22 @@ class RedisStreamLog(StreamLog):
         if block_s <= 0:
             return []
         return (await self._tailer.wait(key, after, block_s))[:limit]
+
+    async def claim_end(self, stream_id: str, event: Event) -> bool:
+        try:
+            # XADD with an explicit id fails when the stream already has that id or a
+            # later one: exactly the "moved on meanwhile" case.
+            await self._r.xadd(
+                self._key(stream_id, "ev"),
+                {"n": event.name, "d": event.data},
+                id=f"0-{event.id}",
+            )
+        except ResponseError:
+            return False
+        except RedisError as exc:
+            raise StreamLogError(f"cannot end stream: {exc}") from exc
+        await self.finish(stream_id, "lost")
+        return True
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         try:

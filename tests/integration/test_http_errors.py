@@ -49,6 +49,12 @@ BAD_BODIES: list[tuple[str, Any, int, str]] = [
         "invalid_request",
     ),
     ("temperature", {"model": "sim-fast", "prompt": "x", "temperature": 3}, 422, "invalid_request"),
+    (
+        "only control characters",
+        {"model": "sim-fast", "prompt": "\x01\x02"},
+        422,
+        "invalid_request",
+    ),
     ("not an object", [1, 2], 422, "invalid_request"),
     ("unknown model", {"model": "gpt-99", "prompt": "x"}, 404, "model_not_found"),
     (

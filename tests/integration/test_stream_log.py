@@ -6,11 +6,20 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from app.services import redis_clients
-from streaming import Event, EventEncoder, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog
+from streaming import (
+    Event,
+    EventEncoder,
+    MemoryStreamLog,
+    RedisStreamLog,
+    StreamInfo,
+    StreamLog,
+    StreamLogError,
+)
 from streaming.log import LogWriter
 
 pytestmark = pytest.mark.redis
@@ -176,3 +185,62 @@ async def test_a_reader_joining_later_is_not_held_behind_another(log: StreamLog)
     assert not waiting.done()  # `late` was woken by its event, not by a timeout
     await log.append(quiet.id, _events(1))
     assert len(await waiting) == 1
+
+
+async def test_claim_end_only_when_nothing_came_after(log: StreamLog) -> None:
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=5)
+    await log.append(info.id, _events(3))
+    late = EventEncoder(2)("error", {"code": "stream_lost"})  # id 3: taken already
+    assert not await log.claim_end(info.id, late)
+    end = EventEncoder(3)("error", {"code": "stream_lost"})
+    assert await log.claim_end(info.id, end)
+    assert (await log.read(info.id, 3)) == [end]
+    stored = await log.info(info.id)
+    assert stored is not None and stored.status == "lost"
+
+
+async def test_a_waiter_behind_the_covered_id_gets_everything(redis_url: str) -> None:
+    """Redis readers share one XREAD; one joining from an earlier id than it covers must
+    still get every event after its own id."""
+    client, tail = redis_clients(redis_url, max_connections=10)
+    log = RedisStreamLog(
+        client,
+        tail=tail,
+        prefix=f"t-{uuid.uuid4().hex[:6]}:",
+        ttl_s=5,
+        max_duration_s=5,
+        max_events=1000,
+    )
+    try:
+        info = _info()
+        await log.create(info, reader_grace_s=5, lease_s=5)
+        await log.append(info.id, _events(10))
+        ahead = asyncio.create_task(log.read(info.id, 10, block_s=10))
+        await asyncio.sleep(0.1)
+        key = f"{log._prefix}s:{{{info.id}}}:ev"
+        behind = await asyncio.wait_for(log._tailer.wait(key, 5, 10), 15)
+        assert [e.id for e in behind] == [6, 7, 8, 9, 10]
+        await log.append(info.id, _events(1, start=10))
+        assert [e.id for e in await ahead] == [11]
+    finally:
+        await log.aclose()
+        await client.aclose()
+
+
+async def test_the_writer_stops_after_a_failed_append() -> None:
+    class Failing(MemoryStreamLog):
+        calls = 0
+
+        async def append(self, stream_id: str, events: Any) -> None:
+            self.calls += 1
+            raise StreamLogError("down")
+
+    log = Failing(ttl_s=5, max_duration_s=5, max_events=100)
+    writer = LogWriter(log, "x")
+    writer.add(_events(1)[0])
+    await writer.close()
+    assert writer.error is not None
+    writer.add(_events(2)[1])
+    await writer.close()
+    assert log.calls == 1  # a later append would leave a gap in the ids

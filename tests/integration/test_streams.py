@@ -232,7 +232,8 @@ async def test_direct_route_cancels_upstream_before_the_first_token(
     async with client.stream(
         "POST", relay.url + "/v1/chat/stream", json=body, headers=auth()
     ) as response:
-        await collect(response, stop_after=1)  # only `start`
+        items = sse_events(response)  # kept: dropping it would close the connection now
+        await collect(items, stop_after=1)  # only `start`
         await _eventually(lambda: bool(upstream.app.records))  # upstream is waiting
     await _eventually(lambda: upstream.app.records[-1].client_closed)
     assert upstream.app.records[-1].tokens_sent == 0
@@ -267,5 +268,25 @@ async def test_idle_streams_get_ping_comments(
         events = await read_events(client, server.url + created["events_url"])
         assert events.names[-1] == "done"
         assert events.comments.count("ping") >= 3
+    finally:
+        server.stop()
+
+
+async def test_polling_keeps_a_stream_alive(
+    config_path: Any, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    """The polling fallback is a reader too: it must not get its stream orphaned."""
+    server = ServerThread(relay_settings(config_path, orphan_grace_s=0.6, supervisor_tick_s=0.1))
+    try:
+        upstream.app.push_faults([{"tokens": 60, "tokens_per_second": 30}])  # about 2 s
+        created = await start_stream(client, server, {"model": "gpt", "prompt": "poll me"})
+        status: dict[str, Any] = {}
+        for _ in range(200):
+            r = await client.get(server.url + created["status_url"], headers=auth())
+            status = r.json()
+            if status["status"] != "running":
+                break
+            await asyncio.sleep(0.2)
+        assert status["status"] == "done" and status["text"] == expected_text(60)
     finally:
         server.stop()

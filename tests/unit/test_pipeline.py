@@ -247,3 +247,20 @@ async def test_closing_a_generation_closes_the_provider() -> None:
     assert names == ["start", "delta", "progress"]
     await events.aclose()
     assert provider.closed == 1
+
+
+async def test_early_usage_does_not_shorten_the_first_token_wait() -> None:
+    # Usage at once (as Anthropic's message_start), then text after longer than the
+    # idle timeout but within the first-token timeout: not a timeout.
+    provider = Scripted([Usage(input_tokens=3), 0.2, TextDelta("late"), Stop("end_turn")])
+    policy = UpstreamPolicy(first_token_timeout_s=2.0, idle_timeout_s=0.05, max_attempts=1)
+    out = await _pump(provider, policy)
+    assert out == [Usage(input_tokens=3), TextDelta("late"), Stop("end_turn")]
+
+
+async def test_a_retry_after_longer_than_the_backoff_cap_is_not_waited_for() -> None:
+    busy = UpstreamError("busy", code="upstream_rate_limited", retryable=True, retry_after=60)
+    provider = Scripted([busy], [TextDelta("ok"), Stop("end_turn")])
+    out = await _pump(provider)  # backoff_max_s is 0.01
+    assert out == [busy] and provider.calls == 1
+    assert POLICY.backoff(1, 0.005) is not None and POLICY.backoff(1, 0.005) >= 0.005
