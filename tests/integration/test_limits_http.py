@@ -241,3 +241,40 @@ async def test_plans_reload_when_the_file_changes(
         assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
     finally:
         server.stop()
+
+
+async def test_sighup_reloads_plans(
+    tmp_path: Path, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    import signal
+
+    from tests.support import SECRET, ServerProcess
+
+    config = write_config(
+        tmp_path, upstream.url, extra_plans={"r": {"requests_per_minute": 1}}, name="hup"
+    )
+    server = ServerProcess(
+        {
+            "SSERELAY_CONFIG": str(config),
+            "SSERELAY_JWT_SECRET": SECRET,
+            "SSERELAY_CONFIG_POLL_S": "3600",
+        }
+    )  # only the signal reloads
+    try:
+        headers = who("r")
+        url = server.url + "/v1/chat/stream"
+        assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
+        assert (await client.post(url, json=BODY, headers=headers)).status_code == 429
+        raw = yaml.safe_load(config.read_text())
+        raw["plans"]["r"]["requests_per_minute"] = 5
+        config.write_text(yaml.safe_dump(raw))
+        server.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            r = await client.post(url, json=BODY, headers=headers)
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert r.status_code == 200
+    finally:
+        output = server.stop()
+    assert "plans reloaded" in output
