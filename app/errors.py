@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
-from auth import AuthError, NotAuthenticated
+from auth import AuthError, NotAuthenticated, RefreshConflict, RefreshStoreUnavailable
 from streaming import StreamingError, StreamLogError, StreamNotFound, UpstreamError
 
 logger = logging.getLogger("sserelay.errors")
@@ -98,6 +98,15 @@ async def _on_problem(request: Request, exc: Exception) -> Response:
 
 async def _on_auth(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AuthError)
+    if isinstance(exc, RefreshConflict):
+        return problem(409, exc.code, exc.message, headers={"Retry-After": "0"})
+    if isinstance(exc, RefreshStoreUnavailable):
+        return problem(
+            503,
+            exc.code,
+            "sessions cannot be checked right now; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, NotAuthenticated):
         return problem(401, exc.code, exc.message, headers=_bearer_challenge(exc.code, exc.message))
     return problem(403, exc.code, exc.message)

@@ -50,9 +50,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             await asyncio.gather(*background, return_exceptions=True)
             await services.aclose()
 
-    routes: list[BaseRoute] = [*streams.routes, *meta.routes]
-    if settings.jwt_secret is None:
-        routes += auth.dev_routes
+    routes: list[BaseRoute] = [*streams.routes, *meta.routes, *auth.routes(settings)]
     middleware = [Middleware(RequestContextMiddleware)]
     if settings.cors_origin_list:
         middleware.append(

@@ -1,22 +1,28 @@
-"""Where credentials come from, per route: a Bearer header everywhere; on the events
-URL also a stream ticket, because EventSource cannot send headers."""
+"""Where credentials come from, per route.
+
+- `Authorization: Bearer <access token>`, everywhere;
+- the access-token cookie (HttpOnly, Secure, SameSite=Strict), for pages served from the
+  same origin; state-changing requests that carry it must come from this origin;
+- a stream ticket (`?ticket=`) on the events URL only, because EventSource cannot send
+  headers. Nowhere else is a credential read from the URL.
+"""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from auth import NotAuthenticated, Principal
+from auth import NotAuthenticated, PermissionDenied, Principal
 
 from .limits import report
 from .services import Services
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-def bearer_token(request: Request) -> str:
+
+def bearer_token(request: Request) -> str | None:
     values = request.headers.getlist("authorization")
     if not values:
-        raise NotAuthenticated(
-            "send an access token: Authorization: Bearer <token>", code="missing_credentials"
-        )
+        return None
     if len(values) > 1:
         raise NotAuthenticated("send exactly one Authorization header")
     scheme, _, token = values[0].partition(" ")
@@ -26,25 +32,54 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def principal(request: Request) -> Principal:
+def _same_origin(request: Request, services: Services) -> bool:
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a cross-site browser request (those always send Origin)
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return origin == own or origin in services.settings.cors_origin_list
+
+
+async def principal(request: Request) -> Principal:
     services: Services = request.app.state.services
-    return services.verifier.verify(bearer_token(request))
+    token = bearer_token(request)
+    if token is None:
+        token = request.cookies.get(services.settings.auth_cookie_name)
+        if (
+            token is not None
+            and request.method not in _SAFE_METHODS
+            and not _same_origin(request, services)
+        ):
+            raise PermissionDenied(
+                "a cookie-authenticated request from another origin", code="cross_origin_rejected"
+            )
+    if token is None:
+        raise NotAuthenticated(
+            "send an access token: Authorization: Bearer <token>", code="missing_credentials"
+        )
+    return await services.verifier.verify(token)
 
 
 async def authorize(request: Request) -> Principal:
     """The caller, with their current rate-limit state attached to the response."""
-    caller = principal(request)
+    caller = await principal(request)
     await report(request, caller)
     return caller
 
 
 async def stream_reader(request: Request, stream_id: str) -> Principal:
-    """Who may read `stream_id`: from its ticket, or from a Bearer token."""
-    ticket = request.query_params.get("ticket")
+    """Who may read `stream_id`: from its ticket, or else as any other route."""
     services: Services = request.app.state.services
-    caller = (
-        services.tickets.verify(ticket, stream_id) if ticket is not None else principal(request)
-    )
+    ticket = request.query_params.get("ticket")
+    if ticket is None:
+        caller = await principal(request)
+    else:
+        caller = services.tickets.verify(ticket, stream_id)
+        token = bearer_token(request)
+        if token is not None and (await services.verifier.verify(token)).subject != caller.subject:
+            raise NotAuthenticated(
+                "the stream ticket was issued to someone else", code="invalid_ticket"
+            )
     if caller.plan in services.config.plans:
         await report(request, caller)
     return caller

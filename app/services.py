@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from auth import TicketService, TokenIssuer, TokenVerifier
+from auth import TicketService, TokenVerifier
 from ratelimit import (
     NANO_USD,
     Limiter,
@@ -33,6 +32,7 @@ from streaming import (
     UpstreamPolicy,
 )
 
+from .authn import Auth, build_auth
 from .config import Config, ProviderConfig
 from .metrics import Metrics
 from .settings import Settings
@@ -45,10 +45,7 @@ stream_log = logging.getLogger("sserelay.stream")
 class Services:
     settings: Settings
     config: Config
-    verifier: TokenVerifier
-    tickets: TicketService
-    issuer: TokenIssuer | None
-    """Only in development mode (no key configured): signs the demo's tokens."""
+    auth: Auth
     log: StreamLog
     manager: StreamManager
     providers: dict[str, Provider]
@@ -56,27 +53,24 @@ class Services:
     metrics: Metrics
     redis: aioredis.Redis | None
     limiter: Limiter
-    secret: bytes
     reservations: dict[str, Reservation] = field(default_factory=dict)
     """Admissions of the streams running in this process, by stream id, until settled."""
 
-    def verifier_for(self, config: Config) -> TokenVerifier:
-        return TokenVerifier(
-            self.secret,
-            plans=config.plans.keys(),
-            default_plan=config.default_plan,
-            issuer=self.settings.jwt_issuer,
-            audience=self.settings.jwt_audience,
-        )
+    @property
+    def verifier(self) -> TokenVerifier:
+        return self.auth.verifier
+
+    @property
+    def tickets(self) -> TicketService:
+        return self.auth.tickets
 
     def apply_plans(self, config: Config) -> None:
         """Take new plans (and default plan) from a reloaded file. Providers and models
-        keep their running connections: changing those needs a restart."""
-        merged = Config.model_validate(
+        keep their running connections: changing those needs a restart. The verifier
+        reads plans through `self.config`, so it follows at once."""
+        self.config = Config.model_validate(
             {**self.config.model_dump(), "plans": config.plans, "default_plan": config.default_plan}
         )
-        self.config = merged
-        self.verifier = self.verifier_for(merged)
 
     async def settle(self, stream_id: str, outcome: Outcome) -> None:
         """Bill what the stream actually used against its admission, once."""
@@ -135,6 +129,7 @@ class Services:
 
     async def aclose(self) -> None:
         await self.manager.aclose()
+        await self.auth.aclose()
         for provider in self.providers.values():
             await provider.aclose()
         await self.log.aclose()
@@ -187,16 +182,6 @@ def redis_clients(url: str, max_connections: int) -> tuple[aioredis.Redis, aiore
 
 
 async def build_services(settings: Settings, config: Config) -> Services:
-    if settings.jwt_secret is not None:
-        secret = settings.jwt_secret.get_secret_value().encode()
-        issuer = None
-    else:
-        secret = secrets.token_bytes(32)
-        issuer = TokenIssuer(secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        logger.warning(
-            "development mode: no SSERELAY_JWT_SECRET, so tokens are signed with a random "
-            "key and the demo page may fetch one from /v1/auth/dev-token"
-        )
     client: aioredis.Redis | None = None
     limiter: Limiter
     log: StreamLog
@@ -246,9 +231,12 @@ async def build_services(settings: Settings, config: Config) -> Services:
     services = Services(
         settings=settings,
         config=config,
-        verifier=TokenVerifier(secret, plans=(), default_plan=config.default_plan),
-        tickets=TicketService(secret, ttl_s=settings.ticket_ttl_s),
-        issuer=issuer,
+        auth=build_auth(
+            settings,
+            plans=lambda: services_ref[0].config.plans.keys(),
+            default_plan=lambda: services_ref[0].config.default_plan,
+            redis=client,
+        ),
         log=log,
         manager=manager,
         providers={n: build_provider(n, p, settings) for n, p in config.providers.items()},
@@ -256,8 +244,6 @@ async def build_services(settings: Settings, config: Config) -> Services:
         metrics=Metrics(lambda: manager.active),
         redis=client,
         limiter=limiter,
-        secret=secret,
     )
-    services.verifier = services.verifier_for(config)
     services_ref.append(services)
     return services

@@ -29,8 +29,36 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     """HS256 key for access tokens; None = a random development key and the demo's
     self-service token route."""
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    """The algorithm of `jwt_secret`."""
+    jwt_keys: str | None = None
+    """More verification keys, as JSON: [{kid?, alg, secret | public_key | public_key_file}]."""
+    jwt_keys_file: Path | None = None
+    jwks_url: str | None = None
+    """Your identity provider's JWKS; keys cached `jwks_cache_s`, refetched on an unknown
+    kid at most every `jwks_min_refetch_s`."""
+    jwks_cache_s: float = Field(default=300, gt=0)
+    jwks_min_refetch_s: float = Field(default=30, ge=0)
+    jwt_private_key_file: Path | None = None
+    """PEM private key the built-in issuer signs with (instead of `jwt_secret`)."""
+    jwt_signing_alg: str = "EdDSA"
+    jwt_signing_kid: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    jwt_plan_claim: str = "plan"
+    jwt_leeway_s: float = Field(default=30, ge=0, le=300)
+    jwt_max_lifetime_s: float = Field(default=86400, gt=0)
+    access_token_ttl_s: float = Field(default=900, gt=0)
+    refresh_token_ttl_s: float = Field(default=30 * 86400, gt=0)
+    refresh_grace_s: float = Field(default=10, ge=0)
+    auth_client_secret: SecretStr | None = None
+    """What a trusted backend presents to POST /v1/auth/token (Authorization: Bearer)."""
+    ticket_secret: SecretStr | None = None
+    """Signs stream tickets; defaults to a key derived from the signing key."""
+    auth_cookie_name: str = "sserelay_access"
+    refresh_cookie_name: str = "sserelay_refresh"
+    cookie_secure: bool = True
+    admin_scope: str = "sserelay:admin"
     cors_origins: str | None = None
 
     limiter_fail_mode: Literal["closed", "open"] = "closed"
@@ -73,6 +101,23 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes (256 bits) for HS256")
         return value
+
+    @property
+    def development(self) -> bool:
+        """No key of any kind configured: the embedded default, with a random key and the
+        demo's self-service token route."""
+        return not (
+            self.jwt_secret
+            or self.jwt_keys
+            or self.jwt_keys_file
+            or self.jwks_url
+            or self.jwt_private_key_file
+        )
+
+    @property
+    def signs(self) -> bool:
+        """This server may issue tokens (it holds a signing key, or is in development)."""
+        return self.development or bool(self.jwt_secret or self.jwt_private_key_file)
 
     @property
     def cors_origin_list(self) -> list[str]:

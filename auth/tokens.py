@@ -1,18 +1,21 @@
-"""Access tokens: JWT verification (and issuing, for the built-in issuer).
+"""Access tokens: JWT verification, and signing for the built-in issuer.
 
-Algorithms are pinned per key, never read from the token, so `alg: none` and
-algorithm-confusion tokens fail by construction.
+The algorithm a token is checked with always comes from the key (see `keys`), never
+from the token. Required claims: `exp`, `iat`, `sub`; `iss` and `aud` when configured;
+a small leeway; a maximum lifetime; a size cap checked before any parsing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 
 from ._exceptions import NotAuthenticated, PermissionDenied
+from .keys import HMAC_ALGS, JWKSKeys, VerificationKey, check_key_type
 
 MAX_TOKEN_BYTES = 8192
 
@@ -25,53 +28,105 @@ class Principal:
     plan: str
     scopes: frozenset[str] = field(default_factory=frozenset)
 
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"this needs the {scope!r} scope", code="insufficient_scope")
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What the verifier checks besides the signature."""
+
+    issuer: str | None = None
+    audience: str | None = None
+    plan_claim: str = "plan"
+    leeway_s: float = 30.0
+    max_lifetime_s: float = 86400.0
+
 
 class TokenVerifier:
     def __init__(
         self,
-        secret: bytes,
+        keys: Sequence[VerificationKey],
         *,
-        plans: Collection[str],
-        default_plan: str,
-        issuer: str | None = None,
-        audience: str | None = None,
-        plan_claim: str = "plan",
-        leeway_s: float = 30.0,
-        algorithms: Sequence[str] = ("HS256",),
+        plans: Callable[[], Collection[str]],
+        default_plan: Callable[[], str],
+        claims: Claims | None = None,
+        jwks: JWKSKeys | None = None,
     ) -> None:
-        self._secret = secret
-        self._plans = frozenset(plans)
+        """`plans` and `default_plan` are read on every call, so a plan reload applies
+        to the next request without rebuilding the verifier."""
+        self._keys = list(keys)
+        self._jwks = jwks
+        self._plans = plans
         self._default_plan = default_plan
-        self._issuer = issuer
-        self._audience = audience
-        self._plan_claim = plan_claim
-        self._leeway = leeway_s
-        self._algorithms = list(algorithms)
+        self._claims = claims or Claims()
 
-    def verify(self, token: str) -> Principal:
+    async def _candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        keys = [k for k in self._keys if k.alg == alg and (kid is None or k.kid in (kid, None))]
+        if not keys and self._jwks is not None and alg not in HMAC_ALGS:
+            found = await self._jwks.find(kid)
+            if found is not None and found.alg == alg:
+                keys = [found]
+        return keys
+
+    async def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
             raise NotAuthenticated("the token is too large")
         try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
-            )
-        except jwt.ExpiredSignatureError as exc:
-            raise NotAuthenticated("the token has expired", code="token_expired") from exc
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise NotAuthenticated(f"the token is not valid: {exc}") from exc
+            raise NotAuthenticated("the token is not a well-formed JWT") from exc
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or (kid is not None and not isinstance(kid, str)):
+            raise NotAuthenticated("the token header is not valid")
+        candidates = await self._candidates(kid, alg)
+        if not candidates:
+            raise NotAuthenticated(
+                "no key matches the token's key id and algorithm", code="unknown_key"
+            )
+        c = self._claims
+        last_error: jwt.PyJWTError | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=[key.alg],
+                    audience=c.audience,
+                    issuer=c.issuer,
+                    leeway=c.leeway_s,
+                    options={
+                        "require": ["exp", "iat", "sub"],
+                        "verify_aud": c.audience is not None,
+                    },
+                )
+                break
+            except jwt.ExpiredSignatureError as exc:
+                raise NotAuthenticated("the token has expired", code="token_expired") from exc
+            except jwt.InvalidSignatureError as exc:
+                last_error = exc  # maybe another key with this kid and alg
+            except jwt.PyJWTError as exc:
+                raise NotAuthenticated(f"the token is not valid: {exc}") from exc
+        else:
+            raise NotAuthenticated(f"the token is not valid: {last_error}")
+        return self._principal(claims)
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        c = self._claims
+        now = time.time()
+        iat, exp = claims["iat"], claims["exp"]
+        if not isinstance(iat, int | float) or iat > now + c.leeway_s:
+            raise NotAuthenticated("the token was issued in the future")
+        if exp - iat > c.max_lifetime_s:
+            raise NotAuthenticated("the token lives longer than this server accepts")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise NotAuthenticated("the token has no subject")
         if claims.get("typ") not in (None, "access"):
             raise NotAuthenticated("the token is not an access token")
-        plan = claims.get(self._plan_claim, self._default_plan)
-        if plan not in self._plans:
+        plan = claims.get(c.plan_claim, self._default_plan())
+        if not isinstance(plan, str) or plan not in self._plans():
             raise PermissionDenied(
                 "the token names a plan that does not exist", code="unknown_plan"
             )
@@ -80,24 +135,40 @@ class TokenVerifier:
         return Principal(subject, plan, scopes)
 
 
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    alg: str
+    key: Any
+    """bytes for HS*, a `cryptography` private key otherwise."""
+    kid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.alg not in HMAC_ALGS:
+            check_key_type(self.key, self.alg)
+
+    def verification_key(self) -> VerificationKey:
+        public = self.key if self.alg in HMAC_ALGS else self.key.public_key()
+        return VerificationKey(self.alg, public, self.kid)
+
+
 class TokenIssuer:
-    """Signs access tokens with the same key the verifier checks (HS256)."""
+    """Signs access tokens that this server's verifier accepts."""
 
     def __init__(
         self,
-        secret: bytes,
+        signing: SigningKey,
         *,
         issuer: str | None = None,
         audience: str | None = None,
         plan_claim: str = "plan",
     ) -> None:
-        self._secret = secret
+        self._signing = signing
         self._issuer = issuer
         self._audience = audience
         self._plan_claim = plan_claim
 
     def issue(
-        self, subject: str, plan: str, *, ttl_s: float = 3600, scopes: Collection[str] = ()
+        self, subject: str, plan: str, *, ttl_s: float = 900, scopes: Collection[str] = ()
     ) -> tuple[str, int]:
         now = int(time.time())
         expires = now + int(ttl_s)
@@ -114,4 +185,6 @@ class TokenIssuer:
             claims["iss"] = self._issuer
         if self._audience:
             claims["aud"] = self._audience
-        return jwt.encode(claims, self._secret, algorithm="HS256"), expires
+        headers = {"kid": self._signing.kid} if self._signing.kid else None
+        token = jwt.encode(claims, self._signing.key, algorithm=self._signing.alg, headers=headers)
+        return token, expires

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from auth import TokenIssuer
+from auth import SigningKey, TokenIssuer
 from bench.fake_upstream import expected_text
 from tests.support import RedisServer, free_port, wait_http
 
@@ -163,7 +163,9 @@ class Bench:
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: RedisServer | None = None
-        self.token = TokenIssuer(SECRET.encode()).issue("bench", "bench", ttl_s=86400)[0]
+        self.token = TokenIssuer(SigningKey("HS256", SECRET.encode())).issue(
+            "bench", "bench", ttl_s=86400
+        )[0]
 
     def start(self) -> None:
         self.up_port = free_port()

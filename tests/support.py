@@ -25,7 +25,7 @@ import yaml
 
 from app import Settings, create_app
 from app.config import Config
-from auth import TokenIssuer
+from auth import SigningKey, TokenIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
@@ -193,7 +193,7 @@ def relay_settings(config_path: Path, **overrides: Any) -> Settings:
 
 
 def token(sub: str = "alice", plan: str = "pro", secret: str = SECRET) -> str:
-    return TokenIssuer(secret.encode()).issue(sub, plan, ttl_s=600)[0]
+    return TokenIssuer(SigningKey("HS256", secret.encode())).issue(sub, plan, ttl_s=600)[0]
 
 
 def auth(sub: str = "alice", plan: str = "pro") -> dict[str, str]:

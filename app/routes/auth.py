@@ -1,48 +1,176 @@
-"""The development token route: present only when no signing key is configured, so the
-demo works on a laptop with zero setup and cannot exist in production."""
+"""Token routes of the built-in issuer.
+
+- `POST /v1/auth/token`: a trusted backend (Bearer: the configured client secret)
+  exchanges (sub, plan, scopes) for an access + refresh pair, optionally as cookies;
+- `POST /v1/auth/refresh`: rotates a refresh token (JSON body or HttpOnly cookie);
+- `POST /v1/auth/logout`: revokes the token's whole family;
+- `POST /v1/auth/dev-token`: development mode only (no key configured), so the demo
+  works on a laptop with zero setup; the route does not exist otherwise.
+"""
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from auth import NotAuthenticated, TokenPair
+
 from ..errors import ProblemError
+from ..security import bearer_token
 from ..services import Services
+from ..settings import Settings
 
-_SUBJECT = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_SUBJECT = re.compile(r"^[A-Za-z0-9._@:|-]{1,128}$")
+_SCOPE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
 
 
-async def dev_token(request: Request) -> Response:
-    services: Services = request.app.state.services
-    assert services.issuer is not None
+async def _json(request: Request, allowed: set[str]) -> dict[str, Any]:
     raw = await request.body()
+    if len(raw) > 16_384:
+        raise ProblemError(413, "body_too_large", "the body is too large")
     try:
         body = json.loads(raw) if raw else {}
     except ValueError as exc:
         raise ProblemError(400, "invalid_json", "the body is not valid JSON") from exc
-    if not isinstance(body, dict) or set(body) - {"sub", "plan"}:
-        raise ProblemError(422, "invalid_request", "the body may only have `sub` and `plan`")
-    subject = body.get("sub", "demo-user")
+    if not isinstance(body, dict) or set(body) - allowed:
+        raise ProblemError(
+            422, "invalid_request", f"the body may only have {', '.join(sorted(allowed))}"
+        )
+    return body
+
+
+def _grant(services: Services, body: dict[str, Any]) -> tuple[str, str, list[str]]:
+    subject = body.get("sub")
     plan = body.get("plan", services.config.default_plan)
+    scopes = body.get("scopes", [])
     if not isinstance(subject, str) or not _SUBJECT.match(subject):
-        raise ProblemError(422, "invalid_request", "`sub` must be 1-64 of A-Z a-z 0-9 . _ @ -")
+        raise ProblemError(422, "invalid_request", "`sub` must be 1-128 of A-Z a-z 0-9 . _ @ : | -")
     if plan not in services.config.plans:
         raise ProblemError(422, "unknown_plan", f"no plan named {plan!r}")
-    ttl = services.settings.dev_token_ttl_s
-    token, _ = services.issuer.issue(subject, plan, ttl_s=ttl)
-    return JSONResponse(
-        {
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": int(ttl),
-            "sub": subject,
-            "plan": plan,
-        }
+    if not isinstance(scopes, list) or not all(
+        isinstance(s, str) and _SCOPE.match(s) for s in scopes
+    ):
+        raise ProblemError(422, "invalid_request", "`scopes` must be a list of scope names")
+    return subject, plan, scopes
+
+
+def _pair_response(
+    services: Services, pair: TokenPair, cookies: bool, extra: dict[str, Any] | None = None
+) -> Response:
+    response = JSONResponse(
+        {**pair.as_json(), **(extra or {})}, headers={"Cache-Control": "no-store"}
+    )
+    if cookies:
+        s = services.settings
+        response.set_cookie(
+            s.auth_cookie_name,
+            pair.access_token,
+            max_age=int(s.access_token_ttl_s),
+            path="/",
+            secure=s.cookie_secure,
+            httponly=True,
+            samesite="strict",
+        )
+        response.set_cookie(
+            s.refresh_cookie_name,
+            pair.refresh_token,
+            max_age=int(s.refresh_token_ttl_s),
+            path="/v1/auth",
+            secure=s.cookie_secure,
+            httponly=True,
+            samesite="strict",
+        )
+    return response
+
+
+async def issue_token(request: Request) -> Response:
+    services: Services = request.app.state.services
+    expected = services.settings.auth_client_secret
+    presented = bearer_token(request)
+    if (
+        expected is None
+        or presented is None
+        or not hmac.compare_digest(presented.encode(), expected.get_secret_value().encode())
+    ):
+        raise NotAuthenticated(
+            "this route needs the client secret as a Bearer token", code="invalid_client"
+        )
+    body = await _json(request, {"sub", "plan", "scopes", "cookie"})
+    subject, plan, scopes = _grant(services, body)
+    assert services.auth.refresh is not None
+    pair = await services.auth.refresh.issue(subject, plan, scopes)
+    return _pair_response(services, pair, bool(body.get("cookie")))
+
+
+def _refresh_token(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
+    services: Services = request.app.state.services
+    token = body.get("refresh_token")
+    if isinstance(token, str):
+        return token, False
+    cookie = request.cookies.get(services.settings.refresh_cookie_name)
+    if cookie:
+        return cookie, True
+    raise NotAuthenticated(
+        "send the refresh token in the body or its cookie", code="missing_credentials"
     )
 
 
-dev_routes = [Route("/v1/auth/dev-token", dev_token, methods=["POST"])]
+async def refresh(request: Request) -> Response:
+    services: Services = request.app.state.services
+    body = await _json(request, {"refresh_token"})
+    token, from_cookie = _refresh_token(request, body)
+    assert services.auth.refresh is not None
+    pair = await services.auth.refresh.refresh(token)
+    return _pair_response(services, pair, from_cookie)
+
+
+async def logout(request: Request) -> Response:
+    services: Services = request.app.state.services
+    body = await _json(request, {"refresh_token"})
+    token, _ = _refresh_token(request, body)
+    assert services.auth.refresh is not None
+    await services.auth.refresh.logout(token)
+    response = Response(status_code=204)
+    s = services.settings
+    response.delete_cookie(
+        s.auth_cookie_name, path="/", secure=s.cookie_secure, httponly=True, samesite="strict"
+    )
+    response.delete_cookie(
+        s.refresh_cookie_name,
+        path="/v1/auth",
+        secure=s.cookie_secure,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+async def dev_token(request: Request) -> Response:
+    services: Services = request.app.state.services
+    body = await _json(request, {"sub", "plan", "cookie"})
+    body.setdefault("sub", "demo-user")
+    subject, plan, _ = _grant(services, body)
+    assert services.auth.refresh is not None
+    pair = await services.auth.refresh.issue(subject, plan)
+    return _pair_response(services, pair, bool(body.get("cookie")), {"sub": subject, "plan": plan})
+
+
+def routes(settings: Settings) -> list[Route]:
+    """Only the routes this configuration supports exist at all."""
+    out: list[Route] = []
+    if settings.signs:
+        out += [
+            Route("/v1/auth/refresh", refresh, methods=["POST"]),
+            Route("/v1/auth/logout", logout, methods=["POST"]),
+        ]
+        if settings.auth_client_secret is not None:
+            out.append(Route("/v1/auth/token", issue_token, methods=["POST"]))
+    if settings.development:
+        out.append(Route("/v1/auth/dev-token", dev_token, methods=["POST"]))
+    return out

@@ -42,7 +42,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def usage(request: Request) -> Response:
-    caller = principal(request)
+    caller = await principal(request)
     decision = await report(request, caller)
     if decision is None:
         raise ProblemError(

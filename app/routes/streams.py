@@ -43,7 +43,7 @@ async def _owned(services: Services, stream_id: str, subject: str) -> StreamInfo
 
 
 async def create_stream(request: Request) -> Response:
-    caller = principal(request)
+    caller = await principal(request)
     services = _services(request)
     info, generation = await start(request, caller, "s_")
     stream_id = info.id
@@ -150,7 +150,7 @@ async def new_ticket(request: Request) -> Response:
 
 
 async def chat_stream(request: Request) -> SSEResponse:
-    caller = principal(request)
+    caller = await principal(request)
     services = _services(request)
     info, generation = await start(request, caller, "c_")
     services.metrics.stream_started("chat", info.plan, info.model)

@@ -158,7 +158,7 @@ async def test_expired_ticket(config_path: Any, client: httpx.AsyncClient) -> No
     from auth import TicketService
 
     ticket, _ = TicketService(SECRET.encode(), ttl_s=-120).issue("s_x", "alice", "pro")
-    server = ServerThread(relay_settings(config_path))
+    server = ServerThread(relay_settings(config_path, ticket_secret=SECRET))
     try:
         r = await client.get(server.url + "/v1/streams/s_x/events", params={"ticket": ticket})
         _is_problem(r, 401, "ticket_expired")
