@@ -65,12 +65,30 @@ def _signing_key(settings: Settings) -> SigningKey | None:
         try:
             key = load_pem_private_key(settings.jwt_private_key_file.read_bytes(), None)
             return SigningKey(settings.jwt_signing_alg, key, settings.jwt_signing_kid)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise AuthConfigError(f"SSERELAY_JWT_PRIVATE_KEY_FILE: {exc}") from exc
     if settings.jwt_secret is not None:
         secret = settings.jwt_secret.get_secret_value().encode()
         return SigningKey(settings.jwt_algorithm, secret, settings.jwt_signing_kid)
     return None
+
+
+def check_auth(settings: Settings) -> tuple[list[VerificationKey], SigningKey | None]:
+    """The configured verification keys and signing key, or AuthConfigError naming the
+    setting at fault. Run by `sserelay serve` before starting, so a bad key is one line."""
+    try:
+        keys = load_key_specs(settings.jwt_keys, settings.jwt_keys_file)
+    except (OSError, ValueError) as exc:
+        raise AuthConfigError(f"SSERELAY_JWT_KEYS: {exc}") from exc
+    signing = _signing_key(settings)
+    if signing is not None:
+        if signing.alg in ("HS256", "HS384", "HS512"):
+            try:
+                secret_key(signing.key, signing.alg)
+            except ValueError as exc:
+                raise AuthConfigError(f"SSERELAY_JWT_SECRET: {exc}") from exc
+        keys.append(signing.verification_key())
+    return keys, signing
 
 
 def build_auth(
@@ -80,25 +98,14 @@ def build_auth(
     redis: aioredis.Redis | None,
 ) -> Auth:
     development = settings.development
-    keys: list[VerificationKey] = []
-    try:
-        keys += load_key_specs(settings.jwt_keys, settings.jwt_keys_file)
-    except (OSError, ValueError) as exc:
-        raise AuthConfigError(f"SSERELAY_JWT_KEYS: {exc}") from exc
-    signing = _signing_key(settings)
+    keys, signing = check_auth(settings)
     if development:
         signing = SigningKey("HS256", secrets.token_bytes(32))
+        keys.append(signing.verification_key())
         logger.warning(
             "development mode: no signing or verification key configured, so tokens are "
             "signed with a random key and the demo page may fetch one from /v1/auth/dev-token"
         )
-    if signing is not None:
-        if signing.alg in ("HS256", "HS384", "HS512"):
-            try:
-                secret_key(signing.key, signing.alg)
-            except ValueError as exc:
-                raise AuthConfigError(f"SSERELAY_JWT_SECRET: {exc}") from exc
-        keys.append(signing.verification_key())
     http = None
     jwks = None
     if settings.jwks_url:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .authn import AuthConfigError, check_auth
+from .cli_auth import add_commands
 from .config import ConfigError, describe, load_config
 from .logs import configure
 from .settings import Settings
@@ -50,6 +52,10 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except ValidationError as exc:  # pragma: no cover - load_config translates these
         return _fail(describe(exc))
+    try:
+        check_auth(settings)
+    except AuthConfigError as exc:
+        return _fail(str(exc))
     configure(settings.log_format, settings.log_level)
 
     import uvicorn
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", type=Path, help="YAML file of providers, models and plans")
     run.add_argument("--workers", type=int, default=1, help="worker processes (needs Redis)")
     run.set_defaults(handler=serve)
+    add_commands(commands)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

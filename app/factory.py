@@ -20,7 +20,7 @@ from .config import Config, load_config
 from .errors import exception_handlers
 from .logs import configure
 from .middleware import RequestContextMiddleware
-from .routes import auth, meta, streams
+from .routes import admin, auth, meta, streams
 from .services import build_services
 from .settings import Settings
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             await asyncio.gather(*background, return_exceptions=True)
             await services.aclose()
 
-    routes: list[BaseRoute] = [*streams.routes, *meta.routes, *auth.routes(settings)]
+    routes: list[BaseRoute] = [*streams.routes, *meta.routes, *admin.routes, *auth.routes(settings)]
     middleware = [Middleware(RequestContextMiddleware)]
     if settings.cors_origin_list:
         middleware.append(
