@@ -330,3 +330,39 @@ async def collect(
         if item.event in ("done", "error") or (stop_after and len(out.events) >= stop_after):
             break
     return out
+
+
+class JSONServer:
+    """Serves one JSON document (mutable: `.document`) over real HTTP, e.g. a JWKS."""
+
+    def __init__(self, document: Any) -> None:
+        self.document = document
+        self.hits = 0
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            self.hits += 1
+            body = json.dumps(self.document).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        sock = free_socket()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self.thread.start()
+        wait_http(self.url.rsplit("/", 1)[0], "/jwks.json", alive=self.thread.is_alive)
+        self.hits = 0
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
