@@ -27,13 +27,27 @@ async function api(method, path, body, retried = false) {
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const opts = { method, headers, body: body === undefined ? undefined : JSON.stringify(body) };
   const res = await fetch(path, opts);
-  // Dev tokens are short-lived: mint a fresh one once rather than break the demo.
-  if (res.status === 401 && S.devToken && !retried && (await fetchDevToken())) {
-    return api(method, path, body, true);
+  if (res.status === 401 && !retried) {
+    // Dev tokens are short-lived: mint a fresh one once rather than break the demo.
+    if (S.devToken && (await fetchDevToken())) return api(method, path, body, true);
+    // Cookie session (no token in JS at all): the HttpOnly refresh cookie renews it.
+    if (!S.token && (await refreshCookieSession())) return api(method, path, body, true);
   }
   const data = await res.json().catch(() => null);
   if (!res.ok) throw problemError(res, data);
   return data;
+}
+
+// Same-origin cookie sessions: the browser sends the cookies; we only ask for rotation.
+async function refreshCookieSession() {
+  try {
+    const res = await fetch('/v1/auth/refresh', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}',
+    });
+    return res.ok;
+  } catch {
+    return false;
+  }
 }
 
 // Turn a problem+json answer into an Error whose message is "title: detail".
@@ -110,8 +124,10 @@ async function init() {
     history.replaceState(null, '', location.pathname + (qs ? `?${qs}` : '') + location.hash);
   }
   S.token = fromUrl || sessionStorage.getItem(TOKEN_KEY);
-  if (S.token || (await fetchDevToken())) loadModels();
-  else $('token-panel').hidden = false; // no dev mode: ask for a token
+  if (!S.token) await fetchDevToken();
+  // With no token at all, a same-origin cookie session may still work; if not,
+  // loadModels shows the token panel.
+  loadModels();
 }
 
 async function loadModels() {
@@ -133,12 +149,13 @@ async function loadModels() {
     setButtons();
     refreshUsage();
   } catch (e) {
+    const hadToken = Boolean(S.token);
     if (e.status === 401 || e.status === 403) { // bad or expired token: ask for another one
       sessionStorage.removeItem(TOKEN_KEY);
       S.token = null;
       $('token-panel').hidden = false;
     }
-    showError(e.message);
+    if (hadToken || e.status !== 401) showError(e.message); // no session yet is not an error
   }
 }
 

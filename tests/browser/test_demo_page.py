@@ -135,3 +135,59 @@ async def test_cancel(page: Page) -> None:
     await page.wait_for_selector("#status[data-state=cancelled]", timeout=10000)
     text = (await state(page))["text"]
     assert text and expected(200).startswith(text) and text != expected(200)
+
+
+COOKIE_CLIENT_SECRET = "browser-test-client-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def cookie_server(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer
+) -> Iterator[ServerThread]:
+    """A configured key (no dev tokens): the page must live on its cookie session."""
+    config = write_config(
+        tmp_path_factory.mktemp("cookie"), upstream.url, default_plan="pro", name="cookie"
+    )
+    server = ServerThread(
+        relay_settings(
+            config,
+            auth_client_secret=COOKIE_CLIENT_SECRET,
+            ticket_ttl_s=2,
+            access_token_ttl_s=3,
+        )
+    )
+    yield server
+    server.stop()
+
+
+async def test_cookie_session_streams_resumes_and_renews(
+    browser: Browser, cookie_server: ServerThread
+) -> None:
+    context = await browser.new_context(bypass_csp=True)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(cookie_server.url + "/static/style.css")  # be on the origin
+    # What a same-origin login backend does: obtain the session as HttpOnly cookies.
+    status = await page.evaluate(
+        """async (secret) => (await fetch('/v1/auth/token', {method: 'POST',
+            headers: {'Authorization': 'Bearer ' + secret, 'Content-Type': 'application/json'},
+            body: JSON.stringify({sub: 'erin', plan: 'pro', cookie: true})})).status""",
+        COOKIE_CLIENT_SECRET,
+    )
+    assert status == 200
+    cookies = {c["name"]: c for c in await context.cookies()}
+    assert cookies["sserelay_access"]["httpOnly"] and cookies["sserelay_access"]["secure"]
+    assert not await page.evaluate("document.cookie")  # invisible to scripts
+    await page.goto(cookie_server.url + "/")
+    await page.wait_for_function("!document.querySelector('#start').disabled")
+    assert await page.is_hidden("#token-panel")
+    await start(page, "sim-slow", 100)  # about 5 s: outlives the 2 s ticket and 3 s token
+    await page.wait_for_function("window.sserelayDemo.state().text.length > 0")
+    await page.wait_for_timeout(3200)
+    await page.click("#blip")  # expired ticket and expired access cookie: both renewed
+    await page.wait_for_selector("#status[data-state=done]", timeout=20000)
+    s = await state(page)
+    assert s["text"] == expected(100) and s["resumes"] >= 1
+    await context.close()
+    assert not errors, errors
