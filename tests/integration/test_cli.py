@@ -79,3 +79,105 @@ def test_bad_config_files_stop_startup_with_one_line(
 def test_missing_config_file(tmp_path: Path) -> None:
     result = serve({}, "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "cannot read config file" in result.stderr
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SSERELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256"])
+async def test_generated_keys_sign_tokens_the_server_accepts(tmp_path: Path, alg: str) -> None:
+    import httpx
+
+    from tests.support import ServerProcess
+
+    generated = _cli({}, "keys", "generate", "--alg", alg, "--out", str(tmp_path))
+    assert generated.returncode == 0, generated.stderr
+    env = dict(line.split("=", 1) for line in generated.stdout.splitlines())
+    env = {k: v.strip("'") for k, v in env.items()}
+    assert set(env) == {
+        "SSERELAY_JWT_PRIVATE_KEY_FILE",
+        "SSERELAY_JWT_SIGNING_ALG",
+        "SSERELAY_JWT_SIGNING_KID",
+        "SSERELAY_JWT_KEYS",
+    }
+    issued = _cli(env, "token", "issue", "--sub", "alice", "--plan", "pro", "--ttl", "15m")
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    # A verifier that holds only the public key (SSERELAY_JWT_KEYS) accepts it.
+    server = ServerProcess({"SSERELAY_JWT_KEYS": env["SSERELAY_JWT_KEYS"]})
+    try:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(
+                server.url + "/v1/models", headers={"authorization": f"Bearer {token}"}
+            )
+        assert r.status_code == 200 and r.json()["plan"] == "pro"
+    finally:
+        server.stop()
+
+
+def test_token_issue_needs_a_key_and_a_plan() -> None:
+    result = _cli({}, "token", "issue", "--sub", "a", "--plan", "pro")
+    assert result.returncode == 2 and "no signing key" in result.stderr
+    result = _cli(
+        {"SSERELAY_JWT_SECRET": "s" * 40}, "token", "issue", "--sub", "a", "--plan", "gold"
+    )
+    assert result.returncode == 2 and "no plan named 'gold'" in result.stderr
+    result = _cli({"SSERELAY_JWT_KEYS": '[{"alg": "none"}]'}, "serve")
+    assert result.returncode == 2 and "SSERELAY_JWT_KEYS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_no_credential_reaches_the_log(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.support import SECRET, ServerProcess, token
+
+    server = ServerProcess(
+        {
+            "SSERELAY_JWT_SECRET": SECRET,
+            "SSERELAY_LOG_FORMAT": "json",
+            "SSERELAY_LOG_LEVEL": "debug",
+            "SSERELAY_AUTH_CLIENT_SECRET": "c" * 40,
+        }
+    )
+    seen: list[str] = []
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            access = token("alice", "pro")
+            seen.append(access)
+            headers = {"authorization": f"Bearer {access}"}
+            created = (
+                await client.post(
+                    "/v1/streams",
+                    headers=headers,
+                    json={"model": "sim-fast", "prompt": "x", "max_tokens": 3},
+                )
+            ).json()
+            seen.append(created["ticket"])
+            await client.get(created["events_url"])
+            await client.get("/v1/models", headers={"authorization": f"Bearer {access}x"})
+            pair = (
+                await client.post(
+                    "/v1/auth/token",
+                    json={"sub": "bob"},
+                    headers={"authorization": "Bearer " + "c" * 40},
+                )
+            ).json()
+            seen += [pair["access_token"], pair["refresh_token"]]
+            await client.post("/v1/auth/refresh", json={"refresh_token": pair["refresh_token"]})
+            await client.post("/v1/auth/refresh", json={"refresh_token": pair["refresh_token"]})
+    finally:
+        output = server.stop()
+    assert "/v1/streams" in output  # the access log is there...
+    for secret in seen:
+        assert secret not in output  # ...with no credential in it
+        assert secret.split(".")[-1] not in output
