@@ -60,6 +60,25 @@ def _grant(services: Services, body: dict[str, Any]) -> tuple[str, str, list[str
     return subject, plan, scopes
 
 
+def _cookies(settings: Settings, pair: TokenPair | None) -> list[tuple[str, str, str, int]]:
+    """(name, value, path, max_age) of the session cookies; the refresh cookie only goes
+    to the routes that use it."""
+    return [
+        (
+            settings.auth_cookie_name,
+            pair.access_token if pair else "",
+            "/",
+            int(settings.access_token_ttl_s),
+        ),
+        (
+            settings.refresh_cookie_name,
+            pair.refresh_token if pair else "",
+            "/v1/auth",
+            int(settings.refresh_token_ttl_s),
+        ),
+    ]
+
+
 def _pair_response(
     services: Services, pair: TokenPair, cookies: bool, extra: dict[str, Any] | None = None
 ) -> Response:
@@ -68,24 +87,16 @@ def _pair_response(
     )
     if cookies:
         s = services.settings
-        response.set_cookie(
-            s.auth_cookie_name,
-            pair.access_token,
-            max_age=int(s.access_token_ttl_s),
-            path="/",
-            secure=s.cookie_secure,
-            httponly=True,
-            samesite="strict",
-        )
-        response.set_cookie(
-            s.refresh_cookie_name,
-            pair.refresh_token,
-            max_age=int(s.refresh_token_ttl_s),
-            path="/v1/auth",
-            secure=s.cookie_secure,
-            httponly=True,
-            samesite="strict",
-        )
+        for name, value, path, max_age in _cookies(s, pair):
+            response.set_cookie(
+                name,
+                value,
+                max_age=max_age,
+                path=path,
+                secure=s.cookie_secure,
+                httponly=True,
+                samesite="strict",
+            )
     return response
 
 
@@ -138,16 +149,10 @@ async def logout(request: Request) -> Response:
     await services.auth.refresh.logout(token)
     response = Response(status_code=204)
     s = services.settings
-    response.delete_cookie(
-        s.auth_cookie_name, path="/", secure=s.cookie_secure, httponly=True, samesite="strict"
-    )
-    response.delete_cookie(
-        s.refresh_cookie_name,
-        path="/v1/auth",
-        secure=s.cookie_secure,
-        httponly=True,
-        samesite="strict",
-    )
+    for name, _, path, _ in _cookies(s, None):
+        response.delete_cookie(
+            name, path=path, secure=s.cookie_secure, httponly=True, samesite="strict"
+        )
     return response
 
 
