@@ -60,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from .drain import DrainingServer
     from .factory import create_app
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
@@ -77,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         "http": http,
         "log_config": None,
         "access_log": False,
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": 5,
     }
     if args.workers > 1:
         # Each worker builds its own app from the same environment.
@@ -85,7 +86,17 @@ def serve(args: argparse.Namespace) -> int:
             os.environ[f"SSERELAY_{key.upper()}"] = str(value)
         uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     else:
-        uvicorn.run(create_app(settings, config), **common)  # type: ignore[arg-type]
+        app = create_app(settings, config)
+
+        async def drain(timeout_s: float) -> None:
+            await app.state.services.drain(timeout_s)
+
+        server = DrainingServer(
+            uvicorn.Config(app, **common),  # type: ignore[arg-type]
+            drain=drain,
+            timeout_s=settings.drain_timeout_s,
+        )
+        server.run()
     return 0
 
 

@@ -110,6 +110,10 @@ async def start(request: Request, caller: Principal, prefix: str) -> tuple[Strea
     """Validate the body and build the generation; raises problems before any stream
     exists, so every refusal is a plain HTTP error."""
     services: Services = request.app.state.services
+    if services.draining.is_set():
+        raise ProblemError(
+            503, "draining", "this server is shutting down; retry", headers={"Retry-After": "1"}
+        )
     body = await read_completion(request, services.settings.max_body_bytes)
     prepared = prepare(body, caller, services, request_id_of(request.scope))
     decision = await admit(request, caller, services.config.plans[caller.plan], demand(prepared))

@@ -55,6 +55,39 @@ class Services:
     limiter: Limiter
     reservations: dict[str, Reservation] = field(default_factory=dict)
     """Admissions of the streams running in this process, by stream id, until settled."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on SIGTERM: not ready, no new streams; running ones may finish."""
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set at the drain deadline: open SSE responses say their last word and close."""
+    direct_streams: int = 0
+    """Responses of POST /v1/chat/stream in flight (they are not in the manager)."""
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown: refuse new streams at once, let running ones finish for up
+        to `timeout_s`, then end the rest with a retryable `shutdown` error (written to
+        the stream log, so a client resuming elsewhere sees it) and close every reader
+        with a `reconnect` event (a reader following a stream that another replica
+        generates resumes there)."""
+        self.draining.set()
+        logger.info(
+            "draining: %d resumable and %d direct streams running",
+            self.manager.active,
+            self.direct_streams,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self.manager.active or self.direct_streams) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.manager.active or self.direct_streams:
+            logger.warning(
+                "drain deadline: ending %d resumable and %d direct streams",
+                self.manager.active,
+                self.direct_streams,
+            )
+        await self.manager.aclose()
+        await asyncio.sleep(0.2)  # readers relay the `shutdown` errors just written
+        self.stopping.set()
+        await asyncio.sleep(0.1)  # and the last words of the others
 
     @property
     def verifier(self) -> TokenVerifier:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     admin_scope: str = "sserelay:admin"
     cors_origins: str | None = None
 
+    drain_timeout_s: float = Field(default=25, ge=0)
+    """On SIGTERM, how long running streams may finish before they are ended."""
     limiter_fail_mode: Literal["closed", "open"] = "closed"
     """What to do when Redis cannot be reached to check limits: refuse (503) or admit."""
     concurrency_lease_s: float = Field(default=30, ge=3)

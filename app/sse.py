@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -32,7 +33,11 @@ class SSEResponse:
         retry_ms: int | None = None,
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        stop: asyncio.Event | None = None,
+        stop_frame: Callable[[], bytes] | None = None,
     ) -> None:
+        """`stop` (the server's drain deadline) ends the response early: the producer is
+        cancelled and `stop_frame()`, the stream's last word, is sent before closing."""
         if ping_s <= 0:
             raise ValueError("ping_s must be positive")  # a zero interval would spin
         self.frames = frames
@@ -40,6 +45,8 @@ class SSEResponse:
         self.retry_ms = retry_ms
         self.headers = dict(headers or {})
         self.on_close = on_close
+        self.stop = stop
+        self.stop_frame = stop_frame
         self.client_gone = False
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
@@ -101,13 +108,25 @@ class SSEResponse:
         producer = asyncio.create_task(produce())
         pinger = asyncio.create_task(ping())
         watcher = asyncio.create_task(disconnected())
+        tasks: list[asyncio.Task[Any]] = [producer, pinger, watcher]
+        if self.stop is not None:
+            tasks.append(asyncio.create_task(self.stop.wait()))
+        stopped = False
         try:
-            await asyncio.wait([producer, watcher], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([producer, watcher, *tasks[3:]], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.client_gone = watcher.done() or not producer.done()
-            for task in (producer, pinger, watcher):
+            stopped = len(tasks) > 3 and tasks[3].done() and not producer.done()
+            self.client_gone = watcher.done() or (not producer.done() and not stopped)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(producer, pinger, watcher, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if stopped and not self.client_gone and self.stop_frame is not None:
+            try:
+                await send(
+                    {"type": "http.response.body", "body": self.stop_frame(), "more_body": True}
+                )
+            except OSError:
+                self.client_gone = True
         error = None if producer.cancelled() else producer.exception()
         if isinstance(error, OSError):
             self.client_gone = True  # the socket broke under a write

@@ -60,6 +60,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     services: Services = request.app.state.services
+    if services.draining.is_set():
+        return JSONResponse({"status": "draining"}, status_code=503)
     checks: dict[str, str] = {}
     try:
         await services.log.ping()

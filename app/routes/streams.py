@@ -18,6 +18,10 @@ from ..security import authorize, principal, stream_reader
 from ..services import Services
 from ..sse import SSEResponse
 
+# Sent to readers still open when a draining server closes: EventSource reconnects by
+# itself (with Last-Event-ID), to another replica, and resumes from the shared log.
+RECONNECT = b'event: reconnect\ndata: {"reason":"shutdown"}\n\n'
+
 
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
@@ -99,6 +103,8 @@ async def stream_events(request: Request) -> Response | SSEResponse:
         frames(events),
         ping_s=services.settings.ping_interval_s,
         retry_ms=services.settings.retry_ms,
+        stop=services.stopping,
+        stop_frame=lambda: RECONNECT,
     )
 
 
@@ -162,11 +168,24 @@ async def chat_stream(request: Request) -> SSEResponse:
     async def finished() -> None:
         # Closed or cancelled before the end: the client left, and closing the
         # generation has already cancelled the upstream request.
+        services.direct_streams -= 1
         if generation.outcome.status == "running":
             generation.end("client_gone", error_code="client_gone")
         await services.stream_finished("chat", info, generation.outcome)
 
-    return SSEResponse(frames(), ping_s=services.settings.ping_interval_s, on_close=finished)
+    def shutdown() -> bytes:
+        return generation.abort(
+            "shutdown", "the server is shutting down; retry", retryable=True
+        ).frame()
+
+    services.direct_streams += 1
+    return SSEResponse(
+        frames(),
+        ping_s=services.settings.ping_interval_s,
+        on_close=finished,
+        stop=services.stopping,
+        stop_frame=shutdown,
+    )
 
 
 routes = [
