@@ -78,7 +78,7 @@ def check_auth(settings: Settings) -> tuple[list[VerificationKey], SigningKey | 
     setting at fault. Run by `sserelay serve` before starting, so a bad key is one line."""
     try:
         keys = load_key_specs(settings.jwt_keys, settings.jwt_keys_file)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise AuthConfigError(f"SSERELAY_JWT_KEYS: {exc}") from exc
     signing = _signing_key(settings)
     if signing is not None:
@@ -108,6 +108,11 @@ def build_auth(
         )
     http = None
     jwks = None
+    if settings.jwks_url and not settings.jwt_audience:
+        logger.warning(
+            "SSERELAY_JWKS_URL without SSERELAY_JWT_AUDIENCE: any token your identity "
+            "provider signs, for any application, is accepted"
+        )
     if settings.jwks_url:
         http = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
         jwks = JWKSKeys(

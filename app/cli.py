@@ -28,7 +28,7 @@ def _settings_error(exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"SSERELAY_{field.upper()}: {message}")
+        parts.append(f"SSERELAY_{field.upper()}: {message}" if field else message)
     return "invalid setting " + "; ".join(parts)
 
 

@@ -39,11 +39,14 @@ def headers(decision: Decision) -> dict[str, str]:
             f';qu="{_UNITS[s.limit.resource]}"'
         )
         remaining = _amount(s, s.remaining)
-        if decision.reservation is not None:  # what is left after this request
-            remaining = _amount(
-                s, max(0, s.remaining - decision.reservation.demand.weight(s.limit))
-            )
         wait = s.retry_after_ms if s.retry_after_ms else s.reset_ms
+        reservation = decision.reservation
+        if reservation is not None:  # what is left after this request
+            weight = reservation.demand.weight(s.limit)
+            remaining = _amount(s, max(0, s.remaining - weight))
+            if weight and not wait:  # the first weight counted: it leaves with its bucket
+                bucket = reservation.buckets[reservation.windows.index(s.limit)]
+                wait = (bucket + 1) * s.limit.bucket_ms + s.limit.window_ms - decision.now_ms
         current.append(f'"{name}";r={remaining};t={math.ceil((wait or 0) / 1000)}')
     if decision.concurrency_limit is not None:
         taken = decision.concurrency_in_use + (1 if decision.reservation is not None else 0)

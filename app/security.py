@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from starlette.requests import Request
 
 from auth import NotAuthenticated, PermissionDenied, Principal
@@ -32,12 +34,25 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-def _same_origin(request: Request, services: Services) -> bool:
+def same_origin(request: Request, services: Services) -> bool:
+    """Whether a browser request comes from this server's own pages (or an allowed
+    origin). Host and port are compared, not the scheme: behind a TLS-terminating proxy
+    the server sees http while the browser's Origin says https."""
     origin = request.headers.get("origin")
     if origin is None:
         return True  # not a cross-site browser request (those always send Origin)
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    return origin == own or origin in services.settings.cors_origin_list
+    if origin in services.settings.cors_origin_list:
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+def require_same_origin(request: Request, services: Services) -> None:
+    """For state-changing requests authenticated by a cookie (CSRF defence in depth on
+    top of SameSite=Strict)."""
+    if request.method not in _SAFE_METHODS and not same_origin(request, services):
+        raise PermissionDenied(
+            "a cookie-authenticated request from another origin", code="cross_origin_rejected"
+        )
 
 
 async def principal(request: Request) -> Principal:
@@ -45,14 +60,8 @@ async def principal(request: Request) -> Principal:
     token = bearer_token(request)
     if token is None:
         token = request.cookies.get(services.settings.auth_cookie_name)
-        if (
-            token is not None
-            and request.method not in _SAFE_METHODS
-            and not _same_origin(request, services)
-        ):
-            raise PermissionDenied(
-                "a cookie-authenticated request from another origin", code="cross_origin_rejected"
-            )
+        if token is not None:
+            require_same_origin(request, services)
     if token is None:
         raise NotAuthenticated(
             "send an access token: Authorization: Bearer <token>", code="missing_credentials"

@@ -87,7 +87,11 @@ class Services:
         await self.manager.aclose()
         await asyncio.sleep(0.2)  # readers relay the `shutdown` errors just written
         self.stopping.set()
-        await asyncio.sleep(0.1)  # and the last words of the others
+        # Direct streams say their last word and settle their usage before Redis closes.
+        settle_by = loop.time() + 5
+        while self.direct_streams and loop.time() < settle_by:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
 
     @property
     def verifier(self) -> TokenVerifier:

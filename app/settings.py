@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SSERELAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SSERELAY_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -97,12 +97,27 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=200, ge=1)
     max_content_chars: int = Field(default=400_000, ge=1)
 
-    @field_validator("jwt_secret")
+    allow_development_mode: bool = False
+    """Development mode (no key: anyone may mint tokens) is refused unless bound to
+    loopback without Redis, or allowed explicitly here."""
+
+    @field_validator("jwt_secret", "auth_client_secret", "ticket_secret")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().encode()) < 32:
-            raise ValueError("must be at least 32 bytes (256 bits) for HS256")
+            raise ValueError("must be at least 32 bytes (256 bits)")
         return value
+
+    @model_validator(mode="after")
+    def _development_is_local(self) -> Settings:
+        local = self.host in ("127.0.0.1", "localhost", "::1") and not self.redis_url
+        if self.development and not local and not self.allow_development_mode:
+            raise ValueError(
+                "no signing or verification key is configured, and development mode (which "
+                "lets anyone mint tokens) is only allowed on 127.0.0.1 without Redis: set "
+                "SSERELAY_JWT_SECRET (or another key), or SSERELAY_ALLOW_DEVELOPMENT_MODE=true"
+            )
+        return self
 
     @property
     def development(self) -> bool:

@@ -88,14 +88,18 @@ def parse_key_specs(specs: Iterable[Mapping[str, Any]]) -> list[VerificationKey]
     format (JSON)."""
     keys = []
     for i, spec in enumerate(specs):
-        where = f"key {i}" + (f" ({spec['kid']})" if spec.get("kid") else "")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"key {i}: must be an object")
+        kid = spec.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise ValueError(f"key {i}: kid must be a string")
+        where = f"key {i}" + (f" ({kid})" if kid else "")
         unknown = set(spec) - {"kid", "alg", "secret", "public_key", "public_key_file"}
         if unknown:
             raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
         alg = spec.get("alg")
-        if alg not in ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALGORITHMS:
             raise ValueError(f"{where}: alg must be one of {sorted(ALGORITHMS)}")
-        kid = spec.get("kid")
         try:
             if "secret" in spec:
                 keys.append(secret_key(str(spec["secret"]).encode(), alg, kid))

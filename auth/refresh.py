@@ -29,6 +29,9 @@ from ._exceptions import AuthError, NotAuthenticated, PermissionDenied
 from .tokens import TokenIssuer
 
 PREFIX = "srt_"
+_REVOKE = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'revoked', '1') end"
+)
 
 
 class RefreshConflict(AuthError):
@@ -54,6 +57,8 @@ class Rotation:
     status: str
     """ok, unknown, revoked, reused or conflict."""
     grant: Grant | None = None
+    remaining_s: float = 0.0
+    """How long the family still lives (it keeps the end its login gave it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +143,7 @@ class MemoryRefreshStore(RefreshStore):
             return Rotation("reused")
         record["tokens"][old_hash] = now
         record["tokens"][new_hash] = None
-        return Rotation("ok", record["grant"])
+        return Rotation("ok", record["grant"], record["expires"] - now)
 
     async def revoke(self, family: str) -> None:
         record = self._family(family)
@@ -194,13 +199,14 @@ class RedisRefreshStore(RefreshStore):
         if status != "ok":
             return Rotation(status)
         subject, plan, scopes = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:4])
-        return Rotation("ok", Grant(subject, plan, frozenset(scopes.split())))
+        grant = Grant(subject, plan, frozenset(scopes.split()))
+        return Rotation("ok", grant, max(0, int(reply[4])) / 1000)
 
     async def revoke(self, family: str) -> None:
         try:
-            # Only an existing family is marked, so a made-up id creates nothing.
-            if await self._r.exists(self._key(family, "f")):
-                await self._r.hset(self._key(family, "f"), "revoked", "1")
+            # Only an existing family is marked (atomically), so a made-up id creates
+            # nothing and a family expiring meanwhile is not resurrected without a TTL.
+            await self._r.eval(_REVOKE, 1, self._key(family, "f"))
         except RedisError as exc:
             raise RefreshStoreUnavailable(f"cannot revoke the refresh token: {exc}") from exc
 
@@ -261,7 +267,7 @@ class RefreshTokens:
             access,
             access_exp,
             f"{PREFIX}{family}.{new_secret}",
-            int(time.time() + self.refresh_ttl_s),
+            int(time.time() + rotation.remaining_s),
         )
 
     async def logout(self, token: str) -> None:

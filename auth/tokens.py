@@ -143,7 +143,10 @@ class SigningKey:
     kid: str | None = None
 
     def __post_init__(self) -> None:
-        if self.alg not in HMAC_ALGS:
+        if self.alg in HMAC_ALGS:
+            if not isinstance(self.key, bytes):
+                raise ValueError(f"{self.alg} signs with a shared secret, not a private key")
+        else:
             check_key_type(self.key, self.alg)
 
     def verification_key(self) -> VerificationKey:

@@ -43,7 +43,8 @@ for i = 1, n do
     local k = tonumber(raw[j])
     if k < lo then
       stale[#stale + 1] = raw[j]
-    elseif k <= hi then
+    else
+      -- later than now counts too: the clock may have stepped back
       counts[k] = tonumber(raw[j + 1])
       keys[#keys + 1] = k
     end
@@ -54,7 +55,7 @@ for i = 1, n do
   for _, k in ipairs(keys) do used = used + counts[k] end
   local reset = 0
   for _, k in ipairs(keys) do
-    if counts[k] > 0 then reset = (k + 1) * b + window - now; break end
+    if counts[k] > 0 then reset = math.max(0, (k + 1) * b + window - now); break end
   end
   local retry = 0
   if used + w > limit then
@@ -65,7 +66,7 @@ for i = 1, n do
       local freed = 0
       for _, k in ipairs(keys) do
         freed = freed + counts[k]
-        if used - freed + w <= limit then retry = (k + 1) * b + window - now; break end
+        if used - freed + w <= limit then retry = math.max(1, (k + 1) * b + window - now); break end
       end
     end
   end

@@ -46,7 +46,7 @@ class MemoryLimiter(Limiter):
         states = []
         spans = []
         for window in windows:
-            counts = self._counts.setdefault((subject, window.name), {})
+            counts = self._counts.setdefault((subject, window.key), {})
             lo, hi = window.span(now)
             for k in [k for k in counts if k < lo]:
                 del counts[k]
@@ -59,7 +59,7 @@ class MemoryLimiter(Limiter):
             for window, bucket in zip(windows, spans, strict=True):
                 weight = demand.weight(window)
                 if weight:
-                    counts = self._counts[(subject, window.name)]
+                    counts = self._counts[(subject, window.key)]
                     counts[bucket] = counts.get(bucket, 0) + weight
             lease = concurrency_limit is not None
             if lease:
@@ -81,7 +81,7 @@ class MemoryLimiter(Limiter):
         for window, bucket, refund in zip(
             reservation.windows, reservation.buckets, refunds, strict=True
         ):
-            counts = self._counts.get((reservation.subject, window.name))
+            counts = self._counts.get((reservation.subject, window.key))
             if refund and counts is not None and bucket in counts:
                 counts[bucket] -= refund
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .windows import NANO_USD, WindowLimit
 
@@ -37,6 +37,14 @@ class Plan(BaseModel):
     """Model names the plan may use; None = all configured models."""
     limits: tuple[CustomLimit, ...] = ()
     """More windows, of any length, on top of the named ones."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Plan:
+        names = [w.name for w in self.windows()]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"limit names must be unique: {', '.join(duplicates)}")
+        return self
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

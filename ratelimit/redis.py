@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from .base import Decision, Demand, Limiter, Reservation
 from .windows import WindowLimit, WindowState
 
-_SAFE = re.compile(r"^[A-Za-z0-9._@:-]{1,64}$")
+_SAFE = re.compile(r"^[A-Za-z0-9._@:-]{1,63}$")
 _SETTLED_TTL_MS = 86_400_000
 
 
@@ -56,6 +56,7 @@ class RedisLimiter(Limiter):
 
     def _base(self, subject: str) -> str:
         # A subject with braces would break the hash tag: such subjects are hashed.
+        # Hashed tags are 64 characters, which no verbatim tag can be: they never collide.
         tag = subject if _SAFE.match(subject) else hashlib.sha256(subject.encode()).hexdigest()
         return f"{self._prefix}rl:{{{tag}}}"
 
@@ -73,7 +74,7 @@ class RedisLimiter(Limiter):
         commit: bool,
     ) -> Decision:
         base = self._base(subject)
-        keys = [f"{base}:c", *(f"{base}:w:{w.name}" for w in windows)]
+        keys = [f"{base}:c", *(f"{base}:w:{w.key}" for w in windows)]
         args: list[Any] = [
             self._now(),
             reservation_id if concurrency_limit is not None else "",
@@ -104,7 +105,7 @@ class RedisLimiter(Limiter):
     async def _settle(self, reservation: Reservation, refunds: tuple[int, ...]) -> bool:
         base = self._base(reservation.subject)
         keys = [f"{base}:s:{reservation.id}", f"{base}:c"]
-        keys += [f"{base}:w:{w.name}" for w in reservation.windows]
+        keys += [f"{base}:w:{w.key}" for w in reservation.windows]
         args: list[Any] = [_SETTLED_TTL_MS, reservation.id if reservation.lease else ""]
         for bucket, refund in zip(reservation.buckets, refunds, strict=True):
             args += [bucket, refund]

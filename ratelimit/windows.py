@@ -41,6 +41,12 @@ class WindowLimit:
     def bucket_ms(self) -> int:
         return -(-self.window_ms // self.buckets)
 
+    @property
+    def key(self) -> str:
+        """Where its counts live: the geometry is part of it, so two windows never share
+        counts, and a reloaded plan that reshapes a window starts that window afresh."""
+        return f"{self.name}:{self.window_ms}:{self.bucket_ms}"
+
     def span(self, now_ms: int) -> tuple[int, int]:
         """First and last bucket index counted at `now_ms`."""
         b = self.bucket_ms
@@ -66,14 +72,17 @@ class WindowState:
 def evaluate(
     limit: WindowLimit, counts: Mapping[int, int], now_ms: int, weight: int
 ) -> tuple[bool, WindowState]:
-    """Decide one limit from its bucket counts."""
-    lo, hi = limit.span(now_ms)
-    used = sum(counts.get(k, 0) for k in range(lo, hi + 1))
+    """Decide one limit from its bucket counts. Buckets later than now count too: after
+    the clock steps back (a failover to a replica with a skewed clock), what was admitted
+    "in the future" must still hold the limit."""
+    lo, _ = limit.span(now_ms)
+    counted = sorted(k for k in counts if k >= lo)
+    used = sum(counts[k] for k in counted)
     b = limit.bucket_ms
     reset_ms = 0
-    for k in range(lo, hi + 1):
-        if counts.get(k, 0) > 0:
-            reset_ms = (k + 1) * b + limit.window_ms - now_ms
+    for k in counted:
+        if counts[k] > 0:
+            reset_ms = max(0, (k + 1) * b + limit.window_ms - now_ms)
             break
     allowed = used + weight <= limit.limit
     retry: int | None = 0
@@ -81,9 +90,9 @@ def evaluate(
         retry = None
         if weight <= limit.limit:
             freed = 0
-            for k in range(lo, hi + 1):
-                freed += counts.get(k, 0)
+            for k in counted:
+                freed += counts[k]
                 if used - freed + weight <= limit.limit:
-                    retry = (k + 1) * b + limit.window_ms - now_ms
+                    retry = max(1, (k + 1) * b + limit.window_ms - now_ms)
                     break
     return allowed, WindowState(limit, used, retry, reset_ms)

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from auth import NotAuthenticated, TokenPair
 
 from ..errors import ProblemError
-from ..security import bearer_token
+from ..security import bearer_token, require_same_origin
 from ..services import Services
 from ..settings import Settings
 
@@ -126,6 +126,7 @@ def _refresh_token(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
         return token, False
     cookie = request.cookies.get(services.settings.refresh_cookie_name)
     if cookie:
+        require_same_origin(request, services)
         return cookie, True
     raise NotAuthenticated(
         "send the refresh token in the body or its cookie", code="missing_credentials"

@@ -3,6 +3,7 @@ route that streams straight into its own response."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,8 +54,8 @@ async def create_stream(request: Request) -> Response:
     stream_id = info.id
     try:
         await services.manager.launch(info, generation)
-    except Exception:
-        await services.settle(info.id, Outcome())  # nothing was used
+    except BaseException:  # cancelled too: a reservation must never outlive its request
+        await asyncio.shield(services.settle(info.id, Outcome()))  # nothing was used
         raise
     services.metrics.stream_started("streams", info.plan, info.model)
     ticket, expires = services.tickets.issue(stream_id, caller.subject, caller.plan)
@@ -168,10 +169,12 @@ async def chat_stream(request: Request) -> SSEResponse:
     async def finished() -> None:
         # Closed or cancelled before the end: the client left, and closing the
         # generation has already cancelled the upstream request.
-        services.direct_streams -= 1
-        if generation.outcome.status == "running":
-            generation.end("client_gone", error_code="client_gone")
-        await services.stream_finished("chat", info, generation.outcome)
+        try:
+            if generation.outcome.status == "running":
+                generation.end("client_gone", error_code="client_gone")
+            await asyncio.shield(services.stream_finished("chat", info, generation.outcome))
+        finally:
+            services.direct_streams -= 1  # only once its usage is settled
 
     def shutdown() -> bytes:
         return generation.abort(

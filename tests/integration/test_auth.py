@@ -375,6 +375,17 @@ async def test_cookies(env: Env, client: httpx.AsyncClient) -> None:
             "/v1/streams", json=body, headers={"origin": "https://evil.test"}
         )
         assert cross.status_code == 403 and cross.json()["code"] == "cross_origin_rejected"
+        # Behind a TLS-terminating proxy the browser says https while the server sees
+        # http: the same host is the same origin.
+        host = url.removeprefix("http://")
+        proxied = await browser.post(
+            "/v1/streams", json=body, headers={"origin": f"https://{host}"}
+        )
+        assert proxied.status_code == 201
+        # Rotating or revoking with the refresh cookie needs the same origin too.
+        browser.cookies.set("sserelay_refresh", refresh.value or "", path="/v1/auth")
+        forced = await browser.post("/v1/auth/logout", headers={"origin": "https://evil.test"})
+        assert forced.status_code == 403 and forced.json()["code"] == "cross_origin_rejected"
         # EventSource with the cookie needs no ticket.
         events = await browser.get(f"/v1/streams/{same.json()['id']}/events")
         assert events.status_code == 200 and "event: done" in events.text

@@ -181,3 +181,36 @@ async def test_no_credential_reaches_the_log(tmp_path: Path) -> None:
     for secret in seen:
         assert secret not in output  # ...with no credential in it
         assert secret.split(".")[-1] not in output
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"SSERELAY_JWT_KEYS": "[1]"}, "SSERELAY_JWT_KEYS"),
+        ({"SSERELAY_JWT_KEYS": '{"alg": ["HS256"], "secret": "x"}'}, "SSERELAY_JWT_KEYS"),
+        (
+            {"SSERELAY_JWT_KEYS": '[{"alg": "RS256", "secret": "' + "s" * 40 + '"}]'},
+            "SSERELAY_JWT_KEYS",
+        ),
+        (
+            {"SSERELAY_AUTH_CLIENT_SECRET": "short", "SSERELAY_JWT_SECRET": "s" * 40},
+            "SSERELAY_AUTH_CLIENT_SECRET",
+        ),
+        ({"SSERELAY_HOST": "0.0.0.0"}, "development mode"),
+        ({"SSERELAY_REDIS_URL": "redis://127.0.0.1:1/0"}, "development mode"),
+    ],
+)
+def test_unsafe_or_broken_auth_settings_stop_startup(env: dict[str, str], needle: str) -> None:
+    result = serve(env)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_private_key_is_not_an_hmac_secret(tmp_path: Path) -> None:
+    key = tmp_path / "ed.pem"
+    generated = _cli({}, "keys", "generate", "--alg", "EdDSA", "--out", str(tmp_path))
+    key = next(tmp_path.glob("*.key.pem"))
+    assert generated.returncode == 0
+    result = serve({"SSERELAY_JWT_PRIVATE_KEY_FILE": str(key), "SSERELAY_JWT_SIGNING_ALG": "HS256"})
+    assert result.returncode == 2 and "SSERELAY_JWT_PRIVATE_KEY_FILE" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -208,3 +208,45 @@ async def test_property_never_over_admits_and_backends_agree(
     for t, _ in admitted:
         inside = sum(w for s, w in admitted if t - WINDOW.window_ms < s <= t)
         assert inside <= WINDOW.limit
+
+
+async def test_a_clock_stepping_back_cannot_over_admit(pair: tuple[Limiter, Clock]) -> None:
+    limiter, clock = pair
+    clock.now = T0 + 30_000
+    for _ in range(3):
+        assert (await limiter.acquire("u", [RPM], Demand())).allowed
+    clock.now -= 5_000  # a failover to a Redis whose clock is behind
+    refused = await limiter.acquire("u", [RPM], Demand())
+    assert not refused.allowed and refused.retry_after_ms is not None
+    assert refused.retry_after_ms > 0
+
+
+async def test_windows_with_one_name_never_share_counts(pair: tuple[Limiter, Clock]) -> None:
+    limiter, clock = pair
+    narrow = WindowLimit("burst", "requests", 2, 10_000)
+    wide = WindowLimit("burst", "requests", 100, 600_000)  # e.g. after a plan reload
+    for _ in range(2):
+        assert (await limiter.acquire("u", [narrow], Demand())).allowed
+    assert (await limiter.acquire("u", [wide], Demand())).allowed
+    assert not (await limiter.acquire("u", [narrow], Demand())).allowed
+
+
+def test_plans_refuse_duplicate_limit_names() -> None:
+    from pydantic import ValidationError
+
+    from ratelimit import Plan
+
+    with pytest.raises(ValidationError, match="unique"):
+        Plan.model_validate(
+            {
+                "requests_per_minute": 5,
+                "limits": [
+                    {
+                        "name": "requests_per_minute",
+                        "resource": "requests",
+                        "limit": 1000,
+                        "window_s": 10,
+                    }
+                ],
+            }
+        )

@@ -59,6 +59,11 @@ async def test_requests_over_the_limit_get_429_with_the_right_fields(
         r = await client.post(limited.url + "/v1/chat/stream", json=BODY, headers=headers)
         assert r.status_code == 200
         assert f'"requests_per_minute";r={2 - i};' in r.headers["ratelimit"]
+        # The reset is when the counted weight leaves, never "now" once something counts.
+        reset = int(
+            r.headers["ratelimit"].split('"requests_per_minute";')[1].split("t=")[1].split(",")[0]
+        )
+        assert 59 <= reset <= 61
     r = await client.post(limited.url + "/v1/chat/stream", json=BODY, headers=headers)
     assert r.status_code == 429
     assert r.headers["content-type"] == "application/problem+json"
