@@ -101,15 +101,21 @@ class ServerThread:
 class ServerProcess:
     """sserelay as its own process through the real console entry point."""
 
-    def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        args: list[str] | None = None,
+        executable: list[str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(env)
         full_env = {**os.environ, **env, "SSERELAY_PORT": str(self.port)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", *(args or [])],
+            [*(executable or [sys.executable, "-m", "app.cli", "serve"]), *(args or [])],
             env=full_env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
