@@ -7,12 +7,14 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from .authn import AuthConfigError, check_auth
 from .cli_auth import add_commands
+from .cli_records import add_commands as add_record_commands
 from .config import ConfigError, describe, load_config
 from .logs import configure
 from .settings import Settings
@@ -81,9 +83,12 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 5,
     }
     if args.workers > 1:
-        # Each worker builds its own app from the same environment.
+        # Each worker builds its own app from the same environment, and writes its
+        # metrics where any worker's /metrics can sum them.
         for key, value in overrides.items():
             os.environ[f"SSERELAY_{key.upper()}"] = str(value)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sserelay-metrics-")
         uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     else:
         app = create_app(settings, config)
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=1, help="worker processes (needs Redis)")
     run.set_defaults(handler=serve)
     add_commands(commands)
+    add_record_commands(commands)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

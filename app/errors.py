@@ -98,6 +98,9 @@ async def _on_problem(request: Request, exc: Exception) -> Response:
 
 async def _on_auth(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AuthError)
+    services = getattr(request.app.state, "services", None)
+    if services is not None:
+        services.metrics.auth_failures.labels(exc.code).inc()
     if isinstance(exc, RefreshConflict):
         return problem(409, exc.code, exc.message, headers={"Retry-After": "0"})
     if isinstance(exc, RefreshStoreUnavailable):

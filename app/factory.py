@@ -51,7 +51,10 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             await services.aclose()
 
     routes: list[BaseRoute] = [*streams.routes, *meta.routes, *admin.routes, *auth.routes(settings)]
-    middleware = [Middleware(RequestContextMiddleware)]
+    templates = {
+        getattr(r, "endpoint", getattr(r, "app", None)): getattr(r, "path", "") for r in routes
+    }
+    middleware = [Middleware(RequestContextMiddleware, routes=templates)]
     if settings.cors_origin_list:
         middleware.append(
             Middleware(

@@ -139,6 +139,8 @@ async def start(request: Request, caller: Principal, prefix: str) -> tuple[Strea
         },
         pricing=Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok),
         options=services.options,
+        observer=services.metrics.for_stream(info.provider, info.model),
+        keep_text=services.settings.records_content != "omit",
     )
     if decision is not None and decision.reservation is not None:
         services.reservations[info.id] = decision.reservation

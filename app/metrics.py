@@ -1,25 +1,94 @@
-"""Prometheus metrics, on a registry owned by the app (never the global one), with
-label children bound once per stream rather than looked up per token."""
+"""Prometheus metrics, on a registry owned by the app (never the global one).
+
+Names: `sserelay_` prefix, base units, `_total` counters, no per-user labels. Per-token
+paths never look labels up: a stream binds its label children once (`for_stream`).
+
+With several worker processes (`sserelay serve --workers N`), the CLI sets
+`PROMETHEUS_MULTIPROC_DIR` before any worker starts: every worker writes its values
+there, `/metrics` on any worker shows the sum, gauges count only live workers, and a
+worker that starts clears what dead ones left behind.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as mp
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ratelimit import Decision
 from streaming import Outcome
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+VERSION = "0.1.0"
 
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60)
+_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_EVENTS = ("start", "delta", "progress", "done", "error")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def clear_dead_workers(directory: str) -> None:
+    """Live gauges of workers that died (a crash, a restart) must stop counting."""
+    for path in Path(directory).glob("*.db"):
+        match = re.search(r"_(\d+)\.db$", path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mp.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass
+
+
+@dataclass
+class StreamMetrics:
+    """One stream's label children, bound once; the pipeline calls these per chunk."""
+
+    requests: Counter
+    gaps: Histogram
+    errors: Counter
+    provider: str
+    model: str
+
+    def attempt(self) -> None:
+        self.requests.inc()
+
+    def failed(self, code: str) -> None:
+        self.errors.labels(self.provider, self.model, code).inc()
+
+    def gap(self, seconds: float) -> None:
+        self.gaps.observe(seconds)
 
 
 class Metrics:
-    def __init__(self, active_streams: Callable[[], int]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_dir()
+        if self.multiprocess:
+            clear_dead_workers(self.multiprocess)
         r = self.registry
+        self.http_requests = Counter(
+            "sserelay_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.http_duration = Histogram(
+            "sserelay_http_request_duration_seconds",
+            "HTTP request duration (for SSE routes: the whole stream)",
+            ["route", "method"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
         self.streams_started = Counter(
             "sserelay_streams_started", "Streams started", ["route", "plan", "model"], registry=r
         )
@@ -31,10 +100,11 @@ class Metrics:
         )
         self.streams_active = Gauge(
             "sserelay_streams_active",
-            "Resumable streams generating in this process",
+            "Streams generating now",
+            ["route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self.streams_active.set_function(lambda: float(active_streams()))
         self.ttft = Histogram(
             "sserelay_time_to_first_token_seconds",
             "Time from request to first text",
@@ -49,11 +119,34 @@ class Metrics:
             buckets=_LLM_BUCKETS,
             registry=r,
         )
+        self.gaps = Histogram(
+            "sserelay_inter_token_gap_seconds",
+            "Time between consecutive text chunks from the provider",
+            ["model"],
+            buckets=_GAP_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter(
             "sserelay_tokens", "Tokens billed", ["plan", "model", "direction"], registry=r
         )
         self.cost = Counter(
             "sserelay_cost_usd", "Cost billed in USD", ["plan", "model"], registry=r
+        )
+        self.events = Counter(
+            "sserelay_sse_events_sent", "SSE events written to clients", ["event"], registry=r
+        )
+        self.event_children = {name: self.events.labels(name) for name in _EVENTS}
+        self.upstream_requests = Counter(
+            "sserelay_upstream_requests",
+            "Requests sent to providers (each attempt)",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sserelay_upstream_errors",
+            "Provider failures, by kind",
+            ["provider", "model", "kind"],
+            registry=r,
         )
         self.upstream_retries = Counter(
             "sserelay_upstream_retries", "Upstream attempts retried", ["model"], registry=r
@@ -67,16 +160,45 @@ class Metrics:
         self.limiter_errors = Counter(
             "sserelay_limiter_backend_errors", "Limiter backend (Redis) failures", registry=r
         )
+        self.auth_failures = Counter(
+            "sserelay_auth_failures", "Refused credentials, by reason", ["reason"], registry=r
+        )
+        self.feedback = Counter(
+            "sserelay_feedback", "User feedback on answers, by rating", ["rating"], registry=r
+        )
         self.resumes = Counter(
             "sserelay_stream_resumes",
             "Readers resuming a stream after Last-Event-ID",
             registry=r,
         )
+        self.build = Gauge(
+            "sserelay_build_info",
+            "Version information",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build.labels(VERSION, platform.python_version()).set(1)
+
+    def for_stream(self, provider: str, model: str) -> StreamMetrics:
+        return StreamMetrics(
+            self.upstream_requests.labels(provider, model),
+            self.gaps.labels(model),
+            self.upstream_errors,
+            provider,
+            model,
+        )
+
+    def sent(self, event: str) -> None:
+        child = self.event_children.get(event)
+        (child or self.events.labels(event)).inc()
 
     def stream_started(self, route: str, plan: str, model: str) -> None:
         self.streams_started.labels(route, plan, model).inc()
+        self.streams_active.labels(route).inc()
 
     def stream_finished(self, route: str, plan: str, model: str, outcome: Outcome) -> None:
+        self.streams_active.labels(route).dec()
         self.streams_finished.labels(route, plan, model, outcome.status).inc()
         if outcome.ttft_ms is not None:
             self.ttft.labels(model).observe(outcome.ttft_ms / 1000)
@@ -94,4 +216,13 @@ class Metrics:
             self.limiter_decisions.labels(plan, name, "refused").inc()
 
     def render(self) -> bytes:
+        if self.multiprocess:
+            collected = CollectorRegistry()
+            mp.MultiProcessCollector(collected, path=self.multiprocess)  # type: ignore[no-untyped-call]
+            return generate_latest(collected)
         return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """A worker leaving takes its live gauges with it."""
+        if self.multiprocess:
+            mp.mark_process_dead(os.getpid(), self.multiprocess)  # type: ignore[no-untyped-call]

@@ -7,6 +7,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,8 +29,11 @@ class RequestContextMiddleware:
     The line has the path but never the query string: stream tickets travel there.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[Any, str] | None = None) -> None:
+        """`routes` maps endpoints to their path templates: metrics are labelled by
+        route, never by raw path (ids would explode the series)."""
         self.app = app
+        self.routes = dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +63,13 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            route = self.routes.get(scope.get("endpoint"), "unmatched")
+            services = getattr(scope.get("app"), "state", None)
+            metrics = getattr(getattr(services, "services", None), "metrics", None)
+            if metrics is not None:
+                metrics.http_requests.labels(route, scope["method"], str(status)).inc()
+                metrics.http_duration.labels(route, scope["method"]).observe(elapsed)
             access_log.info(
                 "%s %s %d",
                 scope["method"],
@@ -68,6 +80,6 @@ class RequestContextMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": round(elapsed * 1000, 2),
                 },
             )

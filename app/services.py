@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -19,6 +22,7 @@ from ratelimit import (
 )
 from streaming import (
     AnthropicProvider,
+    Generation,
     MemoryStreamLog,
     OpenAIProvider,
     Outcome,
@@ -27,6 +31,7 @@ from streaming import (
     RedisStreamLog,
     SimulatedProvider,
     StreamInfo,
+    StreamingError,
     StreamLog,
     StreamManager,
     UpstreamPolicy,
@@ -35,6 +40,7 @@ from streaming import (
 from .authn import Auth, build_auth
 from .config import Config, ProviderConfig
 from .metrics import Metrics
+from .records import MemoryRecordStore, RecordStore, RedisRecordStore, content
 from .settings import Settings
 
 logger = logging.getLogger("sserelay")
@@ -53,6 +59,7 @@ class Services:
     metrics: Metrics
     redis: aioredis.Redis | None
     limiter: Limiter
+    records: RecordStore
     reservations: dict[str, Reservation] = field(default_factory=dict)
     """Admissions of the streams running in this process, by stream id, until settled."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -137,36 +144,56 @@ class Services:
                 self.metrics.limiter_errors.inc()
                 logger.warning("cannot renew concurrency leases: %s", exc)
 
-    async def stream_finished(self, route: str, info: StreamInfo, outcome: Outcome) -> None:
+    async def stream_finished(self, route: str, info: StreamInfo, generation: Generation) -> None:
         """Runs exactly once per stream, however it ended."""
+        outcome = generation.outcome
         await self.settle(info.id, outcome)
         self.metrics.stream_finished(route, info.plan, info.model, outcome)
+        record = self._record(route, info, generation)
+        try:
+            await self.records.add(record)
+        except StreamingError as exc:
+            logger.error("stream %s: cannot store its record: %s", info.id, exc)
         stream_log.info(
             "stream %s %s",
             info.id,
             outcome.status,
-            extra={
-                "stream_id": info.id,
-                "subject": info.owner,
-                "plan": info.plan,
-                "model": info.model,
-                "provider": info.provider,
-                "route": route,
-                "outcome": outcome.status,
-                "stop_reason": outcome.stop_reason,
-                "error_code": outcome.error_code,
-                "ttft_ms": outcome.ttft_ms,
-                "input_tokens": outcome.input_tokens,
-                "output_tokens": outcome.output_tokens,
-                "cost_usd": outcome.cost_usd,
-                "duration_ms": outcome.duration_ms,
-                "retries": outcome.retries,
-            },
+            extra={k: v for k, v in record.items() if k not in ("input", "output")},
         )
+
+    def _record(self, route: str, info: StreamInfo, generation: Generation) -> dict[str, Any]:
+        outcome, request = generation.outcome, generation.request
+        mode = self.settings.records_content
+        prompt = json.dumps(
+            {"system": request.system, "messages": [[m.role, m.content] for m in request.messages]}
+        )
+        return {
+            "id": info.id,
+            "request_id": request.request_id,
+            "subject": info.owner,
+            "plan": info.plan,
+            "model": info.model,
+            "provider": info.provider,
+            "route": route,
+            "created_at": info.created_at,
+            "finished_at": time.time(),
+            "outcome": outcome.status,
+            "stop_reason": outcome.stop_reason,
+            "error_code": outcome.error_code,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": outcome.cost_usd,
+            "ttft_ms": outcome.ttft_ms,
+            "duration_ms": outcome.duration_ms,
+            "retries": outcome.retries,
+            "input": content(prompt, mode),
+            "output": content(generation.text(), mode),
+        }
 
     async def aclose(self) -> None:
         await self.manager.aclose()
         await self.auth.aclose()
+        self.metrics.close()
         for provider in self.providers.values():
             await provider.aclose()
         await self.log.aclose()
@@ -235,16 +262,23 @@ async def build_services(settings: Settings, config: Config) -> Services:
             max_events=settings.max_stream_events,
         )
         limiter = RedisLimiter(client, prefix=settings.redis_prefix, lease_ttl_ms=lease_ms)
+        records: RecordStore = RedisRecordStore(
+            client,
+            prefix=settings.redis_prefix,
+            max_records=settings.records_max,
+            ttl_s=settings.records_ttl_s,
+        )
     else:
         log = MemoryStreamLog(
             ttl_s=ttl, max_duration_s=duration, max_events=settings.max_stream_events
         )
         limiter = MemoryLimiter(lease_ttl_ms=lease_ms)
+        records = MemoryRecordStore(max_records=min(settings.records_max, 10_000))
 
     services_ref: list[Services] = []
 
-    async def on_finish(info: StreamInfo, outcome: Outcome) -> None:
-        await services_ref[0].stream_finished("streams", info, outcome)
+    async def on_finish(info: StreamInfo, generation: Generation) -> None:
+        await services_ref[0].stream_finished("streams", info, generation)
 
     manager = StreamManager(
         log,
@@ -278,9 +312,10 @@ async def build_services(settings: Settings, config: Config) -> Services:
         manager=manager,
         providers={n: build_provider(n, p, settings) for n, p in config.providers.items()},
         options=options,
-        metrics=Metrics(lambda: manager.active),
+        metrics=Metrics(),
         redis=client,
         limiter=limiter,
+        records=records,
     )
     services_ref.append(services)
     return services

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     config_poll_s: float = Field(default=2, gt=0)
     """How often the config file is checked for changes (plans reload without restart)."""
 
+    records_content: Literal["omit", "hash", "store"] = "omit"
+    """Prompt and output text in request records: left out, SHA-256 only, or kept."""
+    records_max: int = Field(default=100_000, ge=100)
+    records_ttl_s: float = Field(default=30 * 86400, gt=0)
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

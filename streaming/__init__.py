@@ -20,7 +20,7 @@ from .providers import (
     simulated_text,
 )
 from .reader import follow
-from .upstream import UpstreamPolicy, normalise, pump
+from .upstream import UpstreamObserver, UpstreamPolicy, normalise, pump
 
 __all__ = [
     "PING_FRAME",
@@ -50,6 +50,7 @@ __all__ = [
     "StreamingError",
     "TextDelta",
     "UpstreamError",
+    "UpstreamObserver",
     "UpstreamPolicy",
     "Usage",
     "coalesce",

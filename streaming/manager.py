@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 
 from ._exceptions import StreamingError, StreamLogError
 from .log import LogWriter, StreamInfo, StreamLog
-from .pipeline import Generation, Outcome
+from .pipeline import Generation
 
 logger = logging.getLogger("sserelay.streams")
 
-OnFinish = Callable[[StreamInfo, Outcome], Awaitable[None]]
+OnFinish = Callable[[StreamInfo, Generation], Awaitable[None]]
 
 _REASONS = {
     "cancelled": ("the stream was cancelled", False),
@@ -116,7 +116,7 @@ class StreamManager:
         self._reasons.pop(info.id, None)
         if self._on_finish is not None:
             try:
-                await self._on_finish(info, generation.outcome)
+                await self._on_finish(info, generation)
             except Exception:
                 logger.exception("stream %s: finish hook failed", info.id)
 

@@ -21,7 +21,7 @@ from ._exceptions import UpstreamError
 from .chunks import Chunk, Stop, TextDelta, Usage
 from .events import Event, EventEncoder
 from .providers.base import GenerationRequest, Provider, estimate_tokens
-from .upstream import UpstreamPolicy, pump
+from .upstream import UpstreamObserver, UpstreamPolicy, pump
 
 logger = logging.getLogger("sserelay.pipeline")
 
@@ -242,8 +242,14 @@ class Generation:
         pricing: Pricing,
         options: PipelineOptions,
         clock: Callable[[], float] = time.monotonic,
+        observer: UpstreamObserver | None = None,
+        keep_text: bool = False,
     ) -> None:
+        """`keep_text` keeps the generated text (for request records that store it);
+        off, nothing but counters is kept per stream."""
         self.provider = provider
+        self.observer = observer
+        self.parts: list[str] | None = [] if keep_text else None
         self.request = request
         self.options = options
         self.clock = clock
@@ -267,7 +273,10 @@ class Generation:
         task = asyncio.create_task(self._pump(queue))
         try:
             items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
+            parts = self.parts
             async for name, data in meter(items, self.meter, self.clock):
+                if parts is not None and name == "delta":
+                    parts.append(data["text"])
                 if name == "done":
                     self.end("done", stop_reason=data["stop_reason"])
                 yield encode(name, data)
@@ -294,9 +303,13 @@ class Generation:
                 self.options.upstream,
                 queue.put_nowait,
                 on_retry=count_retry,
+                observer=self.observer,
             )
         except Exception as exc:  # a bug in a provider must still end the stream visibly
             queue.put_nowait(exc)
+
+    def text(self) -> str | None:
+        return "".join(self.parts) if self.parts is not None else None
 
     def abort(
         self, code: str, message: str, *, retryable: bool = False, status: str | None = None

@@ -12,6 +12,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ._exceptions import UpstreamError
 from .chunks import Chunk, Stop, TextDelta, Usage
@@ -61,6 +62,18 @@ async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]
 Sink = Callable[[Chunk | BaseException], None]
 
 
+class UpstreamObserver(Protocol):
+    """Hooks for metrics. Called per upstream chunk, so implementations bind whatever
+    they need (metric label children) once per stream, not per call."""
+
+    def attempt(self) -> None: ...
+
+    def failed(self, code: str) -> None: ...
+
+    def gap(self, seconds: float) -> None:
+        """Time between two consecutive text chunks from the provider."""
+
+
 async def pump(
     provider: Provider,
     request: GenerationRequest,
@@ -68,6 +81,7 @@ async def pump(
     put: Sink,
     *,
     on_retry: Callable[[UpstreamError, int], None] | None = None,
+    observer: UpstreamObserver | None = None,
 ) -> None:
     """Read the provider into `put` until it stops, with retries and read timeouts.
 
@@ -81,10 +95,18 @@ async def pump(
         attempt += 1
         held: list[Chunk] = []
         relayed = False
+        last_text = 0.0
+        if observer is not None:
+            observer.attempt()
         source = normalise(provider.stream(request))
         try:
             async with asyncio.timeout(policy.first_token_timeout_s) as deadline:
                 async for chunk in source:
+                    if observer is not None and isinstance(chunk, TextDelta):
+                        now = loop.time()
+                        if last_text:
+                            observer.gap(now - last_text)
+                        last_text = now
                     if relayed:
                         deadline.reschedule(loop.time() + policy.idle_timeout_s)
                         put(chunk)
@@ -111,6 +133,8 @@ async def pump(
             error = exc
         finally:
             await source.aclose()
+        if observer is not None:
+            observer.failed(error.code)
         delay = policy.backoff(attempt, error.retry_after)
         if relayed or not error.retryable or attempt >= policy.max_attempts or delay is None:
             put(error)

@@ -4,6 +4,8 @@ route that streams straight into its own response."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from streaming import Event, Outcome, StreamInfo, StreamNotFound, follow
 
 from ..errors import ProblemError
 from ..generation import start
+from ..schemas import clean
 from ..security import authorize, principal, stream_reader
 from ..services import Services
 from ..sse import SSEResponse
@@ -95,8 +98,11 @@ async def stream_events(request: Request) -> Response | SSEResponse:
             # The client has everything, terminal event included: 204 stops EventSource.
             return Response(status_code=204)
 
+    sent = services.metrics.sent
+
     async def frames(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         async for event in events:
+            sent(event.name)
             yield event.frame()
 
     events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
@@ -162,8 +168,11 @@ async def chat_stream(request: Request) -> SSEResponse:
     info, generation = await start(request, caller, "c_")
     services.metrics.stream_started("chat", info.plan, info.model)
 
+    sent = services.metrics.sent
+
     async def frames() -> AsyncIterator[bytes]:
         async for event in generation.events():
+            sent(event.name)
             yield event.frame()
 
     async def finished() -> None:
@@ -172,7 +181,7 @@ async def chat_stream(request: Request) -> SSEResponse:
         try:
             if generation.outcome.status == "running":
                 generation.end("client_gone", error_code="client_gone")
-            await asyncio.shield(services.stream_finished("chat", info, generation.outcome))
+            await asyncio.shield(services.stream_finished("chat", info, generation))
         finally:
             services.direct_streams -= 1  # only once its usage is settled
 
@@ -191,7 +200,46 @@ async def chat_stream(request: Request) -> SSEResponse:
     )
 
 
+async def feedback(request: Request) -> Response:
+    """The user's judgement of an answer, attached to the stream's request record."""
+    caller = await authorize(request)
+    services = _services(request)
+    stream_id = request.path_params["stream_id"]
+    record = await services.records.get(stream_id)
+    if record is None or record["subject"] != caller.subject:
+        raise ProblemError(404, "record_not_found", "no finished stream with this id")
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise ProblemError(400, "invalid_json", "the body is not valid JSON") from exc
+    if not isinstance(body, dict) or set(body) - {"rating", "correct", "comment"}:
+        raise ProblemError(
+            422, "invalid_request", "the body may only have rating, correct, comment"
+        )
+    rating = body.get("rating")
+    if not (rating in ("up", "down") or (isinstance(rating, int) and 1 <= rating <= 5)):
+        raise ProblemError(422, "invalid_request", "rating must be up, down, or 1 to 5")
+    correct = body.get("correct")
+    comment = body.get("comment")
+    if correct is not None and not isinstance(correct, bool):
+        raise ProblemError(422, "invalid_request", "correct must be true or false")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
+        raise ProblemError(
+            422, "invalid_request", "comment must be text of at most 2000 characters"
+        )
+    entry = {
+        "rating": rating,
+        "correct": correct,
+        "comment": clean(comment) if comment else None,
+        "at": time.time(),
+    }
+    await services.records.attach_feedback(stream_id, entry)
+    services.metrics.feedback.labels(str(rating)).inc()
+    return JSONResponse({"id": stream_id, "feedback": entry})
+
+
 routes = [
+    Route("/v1/streams/{stream_id}/feedback", feedback, methods=["POST"]),
     Route("/v1/streams", create_stream, methods=["POST"]),
     Route("/v1/streams/{stream_id}", stream_status, methods=["GET"]),
     Route("/v1/streams/{stream_id}", cancel_stream, methods=["DELETE"]),

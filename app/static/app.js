@@ -109,7 +109,27 @@ function resetOutput() {
     tps: '–', eta: '–', projected: '–', ttft: '–' };
   for (const [id, text] of Object.entries(blank)) $(id).textContent = text;
   $('progress').value = 0;
+  $('feedback').hidden = true;
+  $('feedback-status').textContent = '';
+  for (const id of ['thumb-up', 'thumb-down']) $(id).disabled = false;
   showError('');
+}
+
+// Thumbs up/down on a finished answer: attached to the stream's request record.
+async function sendFeedback(rating, retried = false) {
+  for (const id of ['thumb-up', 'thumb-down']) $(id).disabled = true;
+  try {
+    await api('POST', `/v1/streams/${encodeURIComponent(S.streamId)}/feedback`, { rating });
+    $('feedback-status').textContent = 'Thanks!';
+  } catch (e) {
+    // The record lands a moment after `done`: one quick retry covers a fast click.
+    if (e.status === 404 && !retried) {
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      return sendFeedback(rating, true);
+    }
+    $('feedback-status').textContent = e.message;
+    for (const id of ['thumb-up', 'thumb-down']) $(id).disabled = false;
+  }
 }
 
 // ---------------------------------------------------------------- auth, models, usage
@@ -329,6 +349,8 @@ function finish(status, message) {
   if (message) showError(message);
   setButtons();
   refreshUsage();
+  // The record is written as the stream ends; a moment later it can take feedback.
+  if (status === 'done') $('feedback').hidden = false;
 }
 
 async function cancelStream() {
@@ -373,6 +395,8 @@ $('stream-form').addEventListener('submit', (ev) => {
 });
 $('cancel').addEventListener('click', cancelStream);
 $('blip').addEventListener('click', simulateDrop);
+$('thumb-up').addEventListener('click', () => sendFeedback('up'));
+$('thumb-down').addEventListener('click', () => sendFeedback('down'));
 $('model').addEventListener('change', syncMaxTokens);
 $('token-save').addEventListener('click', saveToken);
 $('token-input').addEventListener('keydown', (ev) => { if (ev.key === 'Enter') saveToken(); });

@@ -33,8 +33,8 @@ async def test_a_cancel_while_the_stream_is_ending_cannot_skip_its_finish() -> N
     log = SlowLog(ttl_s=60, max_duration_s=60, max_events=1000)
     finished: list[Outcome] = []
 
-    async def on_finish(info: StreamInfo, outcome: Outcome) -> None:
-        finished.append(outcome)
+    async def on_finish(info: StreamInfo, generation: Generation) -> None:
+        finished.append(generation.outcome)
 
     manager = StreamManager(log, on_finish=on_finish, tick_s=60)
     info = StreamInfo("s1", "alice", "m", "p", "pro", 50, time.time())
