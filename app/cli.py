@@ -58,6 +58,9 @@ def serve(args: argparse.Namespace) -> int:
         check_auth(settings)
     except AuthConfigError as exc:
         return _fail(str(exc))
+    problem = settings.serving_problem()
+    if problem is not None:
+        return _fail(problem)
     configure(settings.log_format, settings.log_level)
 
     import uvicorn

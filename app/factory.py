@@ -27,6 +27,9 @@ from .settings import Settings
 
 def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
     settings = settings or Settings()
+    problem = settings.serving_problem()
+    if problem is not None:
+        raise ValueError(problem)
     config = config or load_config(settings.config)
 
     @asynccontextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -113,16 +113,17 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes (256 bits)")
         return value
 
-    @model_validator(mode="after")
-    def _development_is_local(self) -> Settings:
+    def serving_problem(self) -> str | None:
+        """Why this configuration must not serve, if it must not: development mode lets
+        anyone mint tokens, so it is for a laptop (loopback, no Redis) unless allowed."""
         local = self.host in ("127.0.0.1", "localhost", "::1") and not self.redis_url
         if self.development and not local and not self.allow_development_mode:
-            raise ValueError(
+            return (
                 "no signing or verification key is configured, and development mode (which "
                 "lets anyone mint tokens) is only allowed on 127.0.0.1 without Redis: set "
                 "SSERELAY_JWT_SECRET (or another key), or SSERELAY_ALLOW_DEVELOPMENT_MODE=true"
             )
-        return self
+        return None
 
     @property
     def development(self) -> bool:
