@@ -104,6 +104,11 @@ async def test_streams_to_100_percent_with_the_exact_text(page: Page) -> None:
     )
     usage = await page.text_content("#usage-list") or ""
     assert "requests per minute" in usage and "daily budget" in usage
+    # Thumbs up on the answer lands on its request record.
+    await page.click("#thumb-up")
+    await page.wait_for_function(
+        "document.querySelector('#feedback-status').textContent === 'Thanks!'"
+    )
 
 
 async def test_a_dropped_connection_resumes_without_loss_or_duplicates(page: Page) -> None:
