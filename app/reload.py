@@ -34,7 +34,7 @@ async def watch(services: Services, path: Path, poll_s: float) -> None:
     try:
         loop.add_signal_handler(signal.SIGHUP, hangup.set)
         handles_signal = True
-    except (NotImplementedError, RuntimeError, ValueError):
+    except (RuntimeError, ValueError):  # no signals off the main thread (or on Windows)
         handles_signal = False
     seen = _stamp(path)
     try:
