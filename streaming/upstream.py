@@ -62,6 +62,48 @@ async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]
 Sink = Callable[[Chunk | BaseException], None]
 
 
+class _Watchdog:
+    """A read timeout that costs one float store per chunk: the timer is armed once and,
+    when it fires, re-arms itself at the last activity plus the limit instead of being
+    rescheduled on every chunk. When it expires it cancels the reading task."""
+
+    __slots__ = ("_loop", "_task", "_handle", "last", "limit", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self._loop = loop
+        self._task = asyncio.current_task()
+        self.last = loop.time()
+        self.limit = limit
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self.last + limit, self._check)
+
+    def active(self) -> None:
+        self.last = self._loop.time()
+
+    def switch(self, limit: float) -> None:
+        """A new limit from now on (the first token arrived: idle timeout from here)."""
+        self.limit = limit
+        self.last = self._loop.time()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = self._loop.call_at(self.last + limit, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.limit
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._handle = None
+        self.fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class UpstreamObserver(Protocol):
     """Hooks for metrics. Called per upstream chunk, so implementations bind whatever
     they need (metric label children) once per stream, not per call."""
@@ -99,29 +141,34 @@ async def pump(
         if observer is not None:
             observer.attempt()
         source = normalise(provider.stream(request))
+        watchdog = _Watchdog(loop, policy.first_token_timeout_s)
         try:
-            async with asyncio.timeout(policy.first_token_timeout_s) as deadline:
-                async for chunk in source:
-                    if observer is not None and isinstance(chunk, TextDelta):
-                        now = loop.time()
-                        if last_text:
-                            observer.gap(now - last_text)
-                        last_text = now
-                    if relayed:
-                        deadline.reschedule(loop.time() + policy.idle_timeout_s)
-                        put(chunk)
-                    elif isinstance(chunk, TextDelta | Stop):
-                        # Only text ends the wait for the first token: usage that some
-                        # providers send at once must not turn it into the idle timeout.
-                        deadline.reschedule(loop.time() + policy.idle_timeout_s)
-                        relayed = True
-                        for early in held:
-                            put(early)
-                        put(chunk)
-                    else:
-                        held.append(chunk)
+            async for chunk in source:
+                if observer is not None and isinstance(chunk, TextDelta):
+                    now = loop.time()
+                    if last_text:
+                        observer.gap(now - last_text)
+                    last_text = now
+                if relayed:
+                    watchdog.active()
+                    put(chunk)
+                elif isinstance(chunk, TextDelta | Stop):
+                    # Only text ends the wait for the first token: usage that some
+                    # providers send at once must not turn it into the idle timeout.
+                    watchdog.switch(policy.idle_timeout_s)
+                    relayed = True
+                    for early in held:
+                        put(early)
+                    put(chunk)
+                else:
+                    held.append(chunk)
             return
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not watchdog.fired:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
             error = UpstreamError(
                 "the provider sent nothing for too long"
                 if relayed
@@ -132,6 +179,7 @@ async def pump(
         except UpstreamError as exc:
             error = exc
         finally:
+            watchdog.stop()
             await source.aclose()
         if observer is not None:
             observer.failed(error.code)
