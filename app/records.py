@@ -24,6 +24,8 @@ from redis.exceptions import RedisError
 
 from streaming import StreamLogError
 
+_STORE_SLACK_S = 60.0
+
 
 def content(text: str | None, mode: str) -> str | None:
     if text is None or mode == "omit":
@@ -121,8 +123,11 @@ class RedisRecordStore(RecordStore):
     async def export(
         self, since: float, until: float | None = None
     ) -> AsyncIterator[dict[str, Any]]:
+        # The index orders records by when they were stored, a moment after they
+        # finished: read a little past `until`, then filter on `finished_at`, so both
+        # stores answer the same window.
         start = f"{int(since * 1000)}-0"
-        end = f"{int(until * 1000) - 1}-99999" if until is not None else "+"
+        end = f"{int((until + _STORE_SLACK_S) * 1000)}-0" if until is not None else "+"
         while True:
             entries: Any = await self._r.xrange(self._index, start, end, count=500)
             if not entries:
@@ -133,7 +138,11 @@ class RedisRecordStore(RecordStore):
                 hashes: list[Any] = await pipe.execute()
             for raw in hashes:
                 record = _decode(raw)
-                if record is not None:  # expired before its index entry
+                if record is None:  # expired before its index entry
+                    continue
+                if since <= record["finished_at"] and (
+                    until is None or record["finished_at"] < until
+                ):
                     yield record
             last = entries[-1][0].decode()
             start = "(" + last
