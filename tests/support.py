@@ -3,6 +3,7 @@ private Redis, and helpers to read SSE the way a client does."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,20 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def until_ok(
+    request: Callable[[], Awaitable[httpx.Response]], attempts: int = 100, pause_s: float = 0.05
+) -> httpx.Response:
+    """Repeat `request` until it answers 200 (a reload, a recovery taking effect);
+    returns the last response, for the caller to assert on."""
+    response = await request()
+    for _ in range(attempts):
+        if response.status_code == 200:
+            break
+        await asyncio.sleep(pause_s)
+        response = await request()
+    return response
 
 
 def relay_settings(config_path: Path, **overrides: Any) -> Settings:

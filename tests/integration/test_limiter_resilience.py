@@ -14,7 +14,14 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.fake_upstream import FakeUpstreamServer
 from ratelimit import Demand, RedisLimiter, WindowLimit
-from tests.support import RedisServer, ServerThread, auth, relay_settings, write_config
+from tests.support import (
+    RedisServer,
+    ServerThread,
+    auth,
+    relay_settings,
+    until_ok,
+    write_config,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -108,11 +115,7 @@ async def test_redis_down_then_back(
         metrics = (await client.get(server.url + "/metrics")).text
         assert "sserelay_limiter_backend_errors_total 0.0" not in metrics
         redis = RedisServer(redis.port)  # back, on the same address
-        for _ in range(100):
-            r = await client.post(url, json=body, headers=headers)
-            if r.status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+        r = await until_ok(lambda: client.post(url, json=body, headers=headers), pause_s=0.1)
         assert r.status_code == 200
         assert (await client.get(server.url + "/readyz")).status_code == 200
     finally:

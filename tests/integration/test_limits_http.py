@@ -14,7 +14,15 @@ import pytest
 import yaml
 
 from bench.fake_upstream import FakeUpstreamServer
-from tests.support import ServerThread, auth, collect, relay_settings, sse_events, write_config
+from tests.support import (
+    ServerThread,
+    auth,
+    collect,
+    relay_settings,
+    sse_events,
+    until_ok,
+    write_config,
+)
 
 PLANS = {
     "rpm3": {"requests_per_minute": 3, "requests_per_day": 100},
@@ -233,11 +241,7 @@ async def test_plans_reload_when_the_file_changes(
         raw = yaml.safe_load(config.read_text())
         raw["plans"]["r"]["requests_per_minute"] = 5
         config.write_text(yaml.safe_dump(raw))
-        for _ in range(100):
-            r = await client.post(url, json=BODY, headers=headers)
-            if r.status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+        r = await until_ok(lambda: client.post(url, json=BODY, headers=headers))
         assert r.status_code == 200
         # A broken file keeps the running plans.
         config.write_text("plans: [")
@@ -274,11 +278,7 @@ async def test_sighup_reloads_plans(
         raw["plans"]["r"]["requests_per_minute"] = 5
         config.write_text(yaml.safe_dump(raw))
         server.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            r = await client.post(url, json=BODY, headers=headers)
-            if r.status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+        r = await until_ok(lambda: client.post(url, json=BODY, headers=headers))
         assert r.status_code == 200
     finally:
         output = server.stop()
