@@ -29,7 +29,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         "http": http,
         "log_config": None,
         "access_log": False,
+        "backlog": 4096,  # a burst of stream starts must not overflow the accept queue
         "timeout_graceful_shutdown": 5,
     }
     if args.workers > 1:

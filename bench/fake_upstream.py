@@ -162,18 +162,20 @@ class Behaviour:
     tokens: int = 20
     tokens_per_second: float = 0
     tokens_per_chunk: int = 1
+    events_per_write: int = 1
     fault: str | None = None
     fault_after: int = 0
     retry_after_s: float | None = None
     seed: str = ""
 
 
-_ALIASES = {"tps": "tokens_per_second", "chunk": "tokens_per_chunk"}
+_ALIASES = {"tps": "tokens_per_second", "chunk": "tokens_per_chunk", "batch": "events_per_write"}
 _CASTS: dict[str, Callable[[Any], Any]] = {
     "ttft_ms": float,
     "tokens": int,
     "tokens_per_second": float,
     "tokens_per_chunk": int,
+    "events_per_write": int,
     "fault": str,
     "fault_after": int,
     "retry_after_s": float,
@@ -202,6 +204,8 @@ def _overrides(raw: Mapping[str, Any] | Behaviour) -> dict[str, Any]:
         raise ValueError(f"unknown fault {out['fault']!r}; expected one of {sorted(FAULTS)}")
     if out.get("tokens_per_chunk", 1) < 1:
         raise ValueError("tokens_per_chunk must be >= 1")
+    if out.get("events_per_write", 1) < 1:
+        raise ValueError("events_per_write must be >= 1")
     return out
 
 
@@ -415,14 +419,22 @@ class _Exchange:
         fault_at = min(max(0, beh.fault_after), self.n) if fault else -1
         chunk = max(1, beh.tokens_per_chunk)
         interval = chunk / beh.tokens_per_second if beh.tokens_per_second > 0 else 0.0
+        # Several events per write, as a fast server's TCP stream delivers them anyway;
+        # one write per event would make this server, not the proxy, the bottleneck.
+        batch = max(1, beh.events_per_write)
+        pending: list[bytes] = []
         loop = asyncio.get_running_loop()
         t0, i, k = loop.time(), 0, 0
         while i != fault_at and i < self.n:
             j = min(i + chunk, self.n, fault_at if fault_at > i else self.n)
             delay = t0 + k * interval - loop.time() if interval else 0.0
-            await asyncio.sleep(delay if delay > 0 else 0)  # also a cancellation point
+            if delay > 0 and pending:
+                await self._write(b"".join(pending))
+                pending.clear()
+            if delay > 0 or batch == 1 or k % batch == 0:
+                await asyncio.sleep(delay if delay > 0 else 0)  # also a cancellation point
             text = _escaped_run(i, j, self.offset)
-            await self._write(
+            pending.append(
                 _A_DELTA + text + b'"}}\n\n'
                 if anth
                 else self.oai_prefix
@@ -430,7 +442,12 @@ class _Exchange:
                 + text
                 + b'"},"finish_reason":null}]}\n\n'
             )
+            if len(pending) >= batch:
+                await self._write(b"".join(pending))
+                pending.clear()
             rec.tokens_sent, i, k = j, j, k + 1
+        if pending:
+            await self._write(b"".join(pending))
         if fault is not None:
             await self._fault(fault, anth)
             return

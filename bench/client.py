@@ -1,0 +1,136 @@
+"""The load generator's HTTP: raw HTTP/1.1 over asyncio streams, raw SSE parsing.
+
+No HTTP library on purpose: the generator must cost less than what it measures, and
+every layer it skips is CPU the two-core box gives back to the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    text: str
+
+
+async def request(
+    port: int, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    head = f"{method} {path} HTTP/1.1\r\nhost: {HOST}:{port}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    writer.write(head.encode() + body)
+    status_line = await reader.readline()
+    if not status_line:
+        writer.close()
+        raise ConnectionError(f"{method} {path}: connection closed before a response")
+    status = int(status_line.split()[1])
+    response_headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return reader, writer, status, response_headers
+
+
+async def chunks(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """The body, de-chunked, as it arrives."""
+    if headers.get("transfer-encoding") != "chunked":
+        while data := await reader.read(65536):
+            yield data
+        return
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            return
+        data = await reader.readexactly(size + 2)
+        yield data[:-2]
+
+
+async def request_json(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> Any:
+    payload = b"" if body is None else json.dumps(body).encode()
+    reader, writer, status, response_headers = await request(
+        port, method, path, payload, {"content-type": "application/json", **(headers or {})}
+    )
+    try:
+        raw = b"".join([c async for c in chunks(reader, response_headers)])
+    finally:
+        writer.close()
+    if status >= 300:
+        raise RuntimeError(f"{method} {path} answered {status}: {raw[:200]!r}")
+    return json.loads(raw) if raw else None
+
+
+async def latency(port: int, path: str) -> float:
+    """Seconds for one small GET, connection included."""
+    started = time.perf_counter()
+    reader, writer, _, headers = await request(port, "GET", path)
+    async for _ in chunks(reader, headers):
+        pass
+    writer.close()
+    return time.perf_counter() - started
+
+
+async def stream(
+    port: int,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    headers: dict[str, str],
+    kind: str,
+    started: float | None = None,
+    first: asyncio.Future[None] | None = None,
+) -> Sample:
+    """One stream read to its end; `kind` says how to find text: `openai` chunks or
+    sserelay `delta`s. Time to first text counts from `started` (default: now); `first`,
+    if given, is resolved when the first text arrives."""
+    started = started if started is not None else time.perf_counter()
+    payload = b"" if body is None else json.dumps(body).encode()
+    reader, writer, status, response_headers = await request(
+        port,
+        method,
+        path,
+        payload,
+        {**headers, "content-type": "application/json", "accept": "text/event-stream"},
+    )
+    if status != 200:
+        writer.close()
+        raise RuntimeError(f"{path} answered {status}")
+    ttft = None
+    text: list[str] = []
+    buffer = b""
+    try:
+        async for data in chunks(reader, response_headers):
+            buffer += data
+            *frames, buffer = buffer.split(b"\n\n")
+            for frame in frames:
+                if kind == "openai":
+                    if not frame.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(frame[6:])
+                    for choice in chunk.get("choices") or ():
+                        piece = choice["delta"].get("content")
+                        if piece:
+                            text.append(piece)
+                elif frame.startswith(b"id: ") and b"\nevent: delta\n" in frame:
+                    text.append(json.loads(frame.split(b"data: ", 1)[1])["text"])
+                else:
+                    continue
+                if ttft is None and text:
+                    ttft = time.perf_counter() - started
+                    if first is not None and not first.done():
+                        first.set_result(None)
+    finally:
+        writer.close()
+    return Sample(ttft if ttft is not None else float("nan"), "".join(text))

@@ -1,0 +1,229 @@
+"""The processes a benchmark run measures, and one stream through each path.
+
+All on loopback: the fake upstream (uvloop), sserelay (`sserelay serve`: one worker,
+uvloop, httptools) with a private Redis for its limiter and stream log, and this process
+as the load generator. Paths:
+
+- `upstream`: straight to the fake upstream, the physical limit;
+- `direct`: `POST /v1/chat/stream` through sserelay;
+- `resumable`: `POST /v1/streams`, then its events URL (stream log in Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from auth import SigningKey, TokenIssuer
+from tests.support import RedisServer, free_port, wait_http
+
+from . import client
+from .client import Sample
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-that-is-long-enough-for-hs256"
+PATHS = ("upstream", "direct", "resumable")
+
+# The bench plan limits everything, generously, so every request pays for a real
+# limiter decision and settlement (a plan without limits would skip them).
+BENCH_PLAN = {
+    "requests_per_minute": 10_000_000,
+    "tokens_per_minute": 10_000_000_000,
+    "concurrent_streams": 1_000_000,
+    "daily_budget_usd": 1_000_000,
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raise_fd_limit() -> int:
+    """Open files up to the hard limit, for this process and the ones it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Harness:
+    def __init__(self, logs: Path, *, redis: bool = True) -> None:
+        self.logs = logs
+        self.use_redis = redis
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.redis: RedisServer | None = None
+        self.token = TokenIssuer(SigningKey("HS256", SECRET.encode())).issue(
+            "bench", "bench", ttl_s=86400
+        )[0]
+        self.auth = {"authorization": f"Bearer {self.token}"}
+
+    def start(self) -> None:
+        self.up_port = free_port()
+        self._spawn(
+            "upstream",
+            [sys.executable, "-m", "bench.fake_upstream", "--port", str(self.up_port)],
+            {},
+        )
+        wait_http(f"http://127.0.0.1:{self.up_port}", "/_control/health")
+        config = {
+            "providers": {
+                "up": {"kind": "openai", "base_url": f"http://127.0.0.1:{self.up_port}/v1"}
+            },
+            "models": {
+                "bench": {
+                    "provider": "up",
+                    "upstream": "fake",
+                    "input_usd_per_mtok": 1,
+                    "output_usd_per_mtok": 5,
+                    "max_output_tokens": 1_000_000,
+                }
+            },
+            "plans": {"bench": BENCH_PLAN},
+            "default_plan": "bench",
+        }
+        path = Path(tempfile.mkdtemp(prefix="sserelay-bench-")) / "bench.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {
+            "SSERELAY_CONFIG": str(path),
+            "SSERELAY_JWT_SECRET": SECRET,
+            "SSERELAY_LOG_LEVEL": "warning",
+        }
+        if self.use_redis:
+            self.redis = RedisServer()
+            env["SSERELAY_REDIS_URL"] = self.redis.url
+        self.relay_port = free_port()
+        env["SSERELAY_PORT"] = str(self.relay_port)
+        self.relay = self._spawn("sserelay", [sys.executable, "-m", "app.cli", "serve"], env)
+        wait_http(f"http://127.0.0.1:{self.relay_port}")
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # Each process's output goes to a log beside the results, for the post-mortem.
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("wb") as sink:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.redis:
+            self.redis.stop()
+
+    @property
+    def relay_cpu(self) -> float:
+        return cpu_seconds(self.relay.pid)
+
+    @property
+    def relay_rss(self) -> int:
+        return rss_bytes(self.relay.pid)
+
+    async def shape(self, **behaviour: Any) -> None:
+        """What every upstream response looks like from now on (both paths ask the
+        upstream for the same stream)."""
+        await client.request_json(self.up_port, "PUT", "/_control/defaults", behaviour)
+        # The upstream keeps a record per request; a long run must not grow it unboundedly.
+        await client.request_json(self.up_port, "DELETE", "/_control/requests")
+
+    async def one(
+        self, path: str, max_tokens: int, first: asyncio.Future[None] | None = None
+    ) -> Sample:
+        if path == "upstream":
+            body = {
+                "model": "fake",
+                "messages": [{"role": "user", "content": "bench"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            return await client.stream(
+                self.up_port, "POST", "/v1/chat/completions", body, {}, "openai", first=first
+            )
+        body = {"model": "bench", "prompt": "bench", "max_tokens": max_tokens}
+        if path == "direct":
+            return await client.stream(
+                self.relay_port, "POST", "/v1/chat/stream", body, self.auth, "sserelay", first=first
+            )
+        started = time.perf_counter()
+        created = await client.request_json(self.relay_port, "POST", "/v1/streams", body, self.auth)
+        # Time to first text counts from the POST: that is what a user waits.
+        return await client.stream(
+            self.relay_port,
+            "GET",
+            created["events_url"],
+            None,
+            {},
+            "sserelay",
+            started,
+            first=first,
+        )
+
+    async def settle(self, timeout: float = 30.0) -> None:
+        """Wait until sserelay has no stream open (streams end after their readers)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reader, writer, _, headers = await client.request(self.relay_port, "GET", "/metrics")
+            body = b"".join([c async for c in client.chunks(reader, headers)])
+            writer.close()
+            active = [
+                float(line.rsplit(b" ", 1)[1])
+                for line in body.splitlines()
+                if line.startswith(b"sserelay_streams_active{")
+            ]
+            if sum(active) == 0:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError("sserelay still has streams open")
+
+
+def describe_machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = 0
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(memory / 2**30, 1),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "kernel": os.uname().release,
+    }

@@ -1,0 +1,194 @@
+"""What a run prints and writes: the budget table, per-scenario tables, JSON, a PNG."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, dict[str, dict[str, Any]]]  # scenario -> path -> figure -> value
+
+
+def median_of(runs: Sequence[Results]) -> Results:
+    """Every numeric figure's median over the runs; a flag holds only if it held in all."""
+
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, bool):
+            return all(values)
+        if isinstance(first, int | float) and all(isinstance(v, int | float) for v in values):
+            numbers = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+            if not numbers:
+                return float("nan")
+            middle = statistics.median(numbers)
+            return round(middle, 4) if isinstance(middle, float) else middle
+        if isinstance(first, dict):
+            keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
+            return {k: merge([v[k] for v in values]) for k in keys}
+        return values[-1]  # lists (per-level detail) are kept from the last run
+
+    merged: Results = merge(list(runs))
+    return merged
+
+
+@dataclass(frozen=True)
+class Target:
+    figure: str
+    target: str
+    measured: Callable[[Results], str]
+    met: Callable[[Results], bool]
+
+
+def _get(results: Results, scenario: str, path: str, figure: str) -> Any:
+    return results.get(scenario, {}).get(path, {}).get(figure, float("nan"))
+
+
+BUDGET = (
+    Target(
+        "added time to first delta, single stream",
+        "p50 <= 1 ms, p99 <= 3 ms",
+        lambda r: (
+            f"p50 {_get(r, 'sequential', 'direct', 'added_p50_ms'):+.2f} ms, "
+            f"p99 {_get(r, 'sequential', 'direct', 'added_p99_ms'):+.2f} ms"
+        ),
+        lambda r: (
+            _get(r, "sequential", "direct", "added_p50_ms") <= 1
+            and _get(r, "sequential", "direct", "added_p99_ms") <= 3
+        ),
+    ),
+    Target(
+        "added TTFT, concurrent streams in flight",
+        "p50 <= 2 ms, p99 <= 10 ms (at 500)",
+        lambda r: (
+            f"p50 {_get(r, 'concurrent', 'direct', 'added_p50_ms'):+.2f} ms, "
+            f"p99 {_get(r, 'concurrent', 'direct', 'added_p99_ms'):+.2f} ms "
+            f"(at {_get(r, 'concurrent', 'direct', 'in_flight')})"
+        ),
+        lambda r: (
+            _get(r, "concurrent", "direct", "added_p50_ms") <= 2
+            and _get(r, "concurrent", "direct", "added_p99_ms") <= 10
+        ),
+    ),
+    Target(
+        "relayed tokens/s, one process, direct",
+        ">= 100,000",
+        lambda r: (
+            f"{_get(r, 'saturation', 'direct', 'tokens_per_s'):,.0f} on this box; "
+            f"{_get(r, 'saturation', 'direct', 'tokens_per_cpu_s'):,.0f} per CPU-second"
+        ),
+        lambda r: _get(r, "saturation", "direct", "tokens_per_cpu_s") >= 100_000,
+    ),
+    Target(
+        "relayed tokens/s, one process, resumable (Redis)",
+        ">= 50,000",
+        lambda r: (
+            f"{_get(r, 'saturation', 'resumable', 'tokens_per_s'):,.0f} on this box; "
+            f"{_get(r, 'saturation', 'resumable', 'tokens_per_cpu_s'):,.0f} per CPU-second"
+        ),
+        lambda r: _get(r, "saturation", "resumable", "tokens_per_cpu_s") >= 50_000,
+    ),
+    Target(
+        "RSS per open idle stream",
+        "<= 30 KB at 10,000",
+        lambda r: (
+            f"{_get(r, 'open_streams', 'max', 'rss_per_stream_kb'):.1f} KB "
+            f"at {_get(r, 'open_streams', 'max', 'streams'):,}"
+        ),
+        lambda r: _get(r, "open_streams", "max", "rss_per_stream_kb") <= 30,
+    ),
+    Target(
+        "limiter admissions/s, one process, Redis",
+        ">= 10,000, p99 < 1 ms",
+        lambda r: (
+            f"{_get(r, 'limiter', 'redis', 'admissions_per_s'):,.0f}/s, "
+            f"p99 {_get(r, 'limiter', 'redis', 'decision_p99_ms'):.2f} ms "
+            f"(alone p99 {_get(r, 'limiter', 'redis', 'alone_decision_p99_ms'):.2f} ms)"
+        ),
+        lambda r: (
+            _get(r, "limiter", "redis", "admissions_per_s") >= 10_000
+            and _get(r, "limiter", "redis", "decision_p99_ms") < 1
+        ),
+    ),
+)
+
+
+def budget_rows(results: Results) -> list[dict[str, Any]]:
+    rows = []
+    for target in BUDGET:
+        try:
+            measured, met = target.measured(results), bool(target.met(results))
+        except (TypeError, ValueError):
+            measured, met = "not measured", False
+        rows.append(
+            {"figure": target.figure, "target": target.target, "measured": measured, "met": met}
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(results: Results) -> str:
+    lines = ["", "budget"]
+    for row in budget_rows(results):
+        mark = "met" if row["met"] else "MISSED"
+        lines.append(f"  {row['figure']:<50} {row['target']:<36} {row['measured']}  [{mark}]")
+    for scenario, paths in results.items():
+        lines += ["", scenario]
+        for path, figures in paths.items():
+            shown = ", ".join(
+                f"{k}={_fmt(v)}" for k, v in figures.items() if not isinstance(v, list | dict)
+            )
+            lines.append(f"  {path:<10} {shown}")
+    return "\n".join(lines)
+
+
+def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
+    """Latency CDFs, direct vs sserelay, one panel per scenario. None if matplotlib is
+    missing (the `bench` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    scenarios = [s for s in ("sequential", "concurrent") if ttfts.get(s)]
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.2), squeeze=False)
+    labels = {
+        "upstream": "upstream directly",
+        "direct": "via sserelay (POST /v1/chat/stream)",
+        "resumable": "via sserelay, resumable (Redis log)",
+    }
+    titles = {
+        "sequential": "one stream at a time",
+        "concurrent": "streams started while many are in flight",
+    }
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        for path, values in ttfts[scenario].items():
+            xs = sorted(v * 1000 for v in values if not math.isnan(v))
+            if not xs:
+                continue
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=labels.get(path, path))
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first text (ms, log scale)")
+        ax.set_ylabel("fraction of streams")
+        ax.set_title(titles.get(scenario, scenario))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,357 @@
+"""The scenarios. Each measures the same load on every path it names, in the same run,
+and returns figures per path (`{path: {figure: value}}`) and, for the charts, the times
+to first text it saw."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.fake_upstream import expected_text
+
+from . import client
+from .client import Sample
+from .harness import BENCH_PLAN, PATHS, Harness, cpu_seconds, own_cpu_seconds
+
+Figures = dict[str, dict[str, Any]]
+
+
+@dataclass
+class Measured:
+    figures: Figures
+    ttfts: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    sequential_streams: int = 200
+    concurrent_streams: int = 500
+    concurrent_tokens: int = 200
+    concurrent_tps: float = 20.0
+    saturation_tokens: int = 2000
+    saturation_levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    saturation_level_s: float = 3.0
+    events_per_write: int = 32
+    open_counts: tuple[int, ...] = (1000, 5000, 10_000)
+    hold_tps: float = 0.1
+    limiter_s: float = 5.0
+    limiter_concurrency: int = 32
+    limiter_latency_samples: int = 2000
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            sequential_streams=50,
+            concurrent_streams=100,
+            concurrent_tokens=40,
+            saturation_tokens=1000,
+            saturation_levels=(1, 4, 16),
+            saturation_level_s=1.5,
+            open_counts=(200, 1000),
+            limiter_s=2.0,
+            limiter_latency_samples=500,
+        )
+
+
+def percentile_ms(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 3)
+
+
+def _ttft_figures(samples: Sequence[Sample]) -> dict[str, Any]:
+    ttfts = [s.ttft_s for s in samples]
+    return {"ttft_p50_ms": percentile_ms(ttfts, 0.5), "ttft_p99_ms": percentile_ms(ttfts, 0.99)}
+
+
+def _added(figures: Figures) -> None:
+    """Each sserelay path against the upstream measured in the same scenario."""
+    base = figures["upstream"]
+    for path, values in figures.items():
+        if path == "upstream":
+            continue
+        for q in ("p50", "p99"):
+            values[f"added_{q}_ms"] = round(values[f"ttft_{q}_ms"] - base[f"ttft_{q}_ms"], 3)
+
+
+async def sequential(h: Harness, sizes: Sizes) -> Measured:
+    """1. One stream at a time: what sserelay adds to the first text, nothing else running."""
+    tokens = 20
+    await h.shape(tokens=tokens, tps=0, batch=1)
+    want = expected_text(tokens)
+    figures: Figures = {}
+    ttfts: dict[str, list[float]] = {}
+    for path in PATHS:
+        await h.one(path, tokens)  # warm connections and code paths
+        cpu = h.relay_cpu
+        samples = [await h.one(path, tokens) for _ in range(sizes.sequential_streams)]
+        figures[path] = {
+            **_ttft_figures(samples),
+            "streams": len(samples),
+            "intact": all(s.text == want for s in samples),
+        }
+        if path != "upstream":
+            figures[path]["sserelay_cpu_ms_per_stream"] = round(
+                (h.relay_cpu - cpu) / len(samples) * 1000, 3
+            )
+        ttfts[path] = [s.ttft_s for s in samples]
+    _added(figures)
+    return Measured(figures, ttfts)
+
+
+async def concurrent(h: Harness, sizes: Sizes) -> Measured:
+    """2. A steady N streams in flight: arrivals evenly spread over one stream's lifetime,
+    for two lifetimes, so the second half of the streams start while N are running.
+    Only those are measured; every stream's text is checked."""
+    n, tokens, tps = sizes.concurrent_streams, sizes.concurrent_tokens, sizes.concurrent_tps
+    await h.shape(tokens=tokens, tps=tps, batch=1)
+    want = expected_text(tokens)
+    interval = tokens / tps / n
+    figures: Figures = {}
+    ttfts: dict[str, list[float]] = {}
+    for path in PATHS:
+        await h.one(path, tokens)
+        samples: list[Sample | None] = [None] * (2 * n)
+        cpu, own = h.relay_cpu, own_cpu_seconds()
+        t0 = time.perf_counter()
+
+        async def run(
+            i: int, path: str = path, t0: float = t0, samples: list[Sample | None] = samples
+        ) -> None:
+            await asyncio.sleep(max(0.0, t0 + i * interval - time.perf_counter()))
+            samples[i] = await h.one(path, tokens)
+
+        await asyncio.gather(*(run(i) for i in range(2 * n)))
+        wall = time.perf_counter() - t0
+        done = [s for s in samples if s is not None]
+        steady = done[n:]
+        relayed = sum(len(s.text) > 0 for s in done) * tokens
+        figures[path] = {
+            **_ttft_figures(steady),
+            "streams": len(done),
+            "in_flight": n,
+            "intact": len(done) == 2 * n and all(s.text == want for s in done),
+            "wall_s": round(wall, 2),
+            "load_generator_cpu_s": round(own_cpu_seconds() - own, 3),
+        }
+        if path != "upstream":
+            used = h.relay_cpu - cpu
+            figures[path]["sserelay_cpu_s"] = round(used, 3)
+            figures[path]["sserelay_cpu_s_per_1k_tokens"] = round(used / relayed * 1000, 4)
+        ttfts[path] = [s.ttft_s for s in steady]
+    _added(figures)
+    return Measured(figures, ttfts)
+
+
+async def saturation(h: Harness, sizes: Sizes) -> Measured:
+    """3 and 6. Tokens as fast as the upstream sends them, concurrency doubling until
+    sserelay's CPU is saturated or throughput stops growing. Text tokens, not events.
+
+    Everything shares two cores, so next to tokens/s (what this box delivered) the
+    figure that describes sserelay is tokens per CPU-second of its process: the rate
+    one process sustains with a core to itself."""
+    tokens = sizes.saturation_tokens
+    await h.shape(tokens=tokens, tps=0, batch=sizes.events_per_write)
+    want = expected_text(tokens)
+    figures: Figures = {}
+    for path in PATHS:
+        await h.one(path, tokens)
+        levels: list[dict[str, Any]] = []
+        for concurrency in sizes.saturation_levels:
+            level = await _saturate(h, path, concurrency, tokens, want, sizes.saturation_level_s)
+            levels.append(level)
+            best = max(levels[:-1], key=lambda x: x["tokens_per_s"], default=None)
+            if best is not None and level["tokens_per_s"] < best["tokens_per_s"] * 1.03:
+                break  # no longer growing: something is saturated
+            if level.get("sserelay_cpu_util", 0) >= 0.97:
+                break
+        best = max(levels, key=lambda x: x["tokens_per_s"])
+        figures[path] = {
+            **{k: v for k, v in best.items()},
+            "intact": all(level["intact"] for level in levels),
+            "levels": levels,
+        }
+    for path in ("direct", "resumable"):
+        figures[path]["vs_upstream_tokens_per_s"] = round(
+            figures[path]["tokens_per_s"] / figures["upstream"]["tokens_per_s"], 3
+        )
+    figures["resumable"]["cpu_vs_direct"] = round(
+        figures["resumable"]["sserelay_cpu_s_per_1k_tokens"]
+        / figures["direct"]["sserelay_cpu_s_per_1k_tokens"],
+        2,
+    )
+    return Measured(figures)
+
+
+async def _saturate(
+    h: Harness, path: str, concurrency: int, tokens: int, want: str, seconds: float
+) -> dict[str, Any]:
+    cpu, own = h.relay_cpu, own_cpu_seconds()
+    up = cpu_seconds(h.procs[0].pid)
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    streams = 0
+    intact = True
+
+    async def worker() -> None:
+        nonlocal streams, intact
+        while time.perf_counter() < deadline:
+            sample = await h.one(path, tokens)
+            intact = intact and sample.text == want
+            streams += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    relayed = streams * tokens
+    level: dict[str, Any] = {
+        "concurrency": concurrency,
+        "tokens_per_s": round(relayed / wall),
+        "intact": intact,
+        "upstream_cpu_util": round((cpu_seconds(h.procs[0].pid) - up) / wall, 2),
+        "load_generator_cpu_util": round((own_cpu_seconds() - own) / wall, 2),
+    }
+    if path != "upstream":
+        used = h.relay_cpu - cpu
+        level["sserelay_cpu_util"] = round(used / wall, 2)
+        level["tokens_per_cpu_s"] = round(relayed / used) if used else None
+        level["sserelay_cpu_s_per_1k_tokens"] = round(used / relayed * 1000, 4)
+    return level
+
+
+async def open_streams(h: Harness, sizes: Sizes, hard_fd_limit: int) -> Measured:
+    """4. N slow streams held open through sserelay: resident memory per stream and how
+    late the event loop answers a health check meanwhile. Each stream holds two sockets
+    in sserelay (client and upstream), so N is capped by the open-file hard limit."""
+    cap = (hard_fd_limit - 500) // 2
+    counts = sorted({min(n, cap) for n in sizes.open_counts})
+    await h.shape(tokens=1_000_000, tps=sizes.hold_tps, batch=1)
+    await h.settle()
+    idle_rss = h.relay_rss
+    idle = [await client.latency(h.relay_port, "/healthz") for _ in range(100)]
+    figures: Figures = {
+        "idle": {
+            "rss_mb": round(idle_rss / 2**20, 1),
+            "healthz_p50_ms": percentile_ms(idle, 0.5),
+            "healthz_p99_ms": percentile_ms(idle, 0.99),
+        }
+    }
+    for n in counts:
+        tasks = await _hold(h, n)
+        try:
+            await asyncio.sleep(2)  # let allocations settle
+            rss = h.relay_rss
+            probes = []
+            for _ in range(100):
+                probes.append(await client.latency(h.relay_port, "/healthz"))
+                await asyncio.sleep(0.01)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        figures[str(n)] = {
+            "streams": n,
+            "rss_mb": round(rss / 2**20, 1),
+            "rss_per_stream_kb": round((rss - idle_rss) / n / 1024, 1),
+            "healthz_p50_ms": percentile_ms(probes, 0.5),
+            "healthz_p99_ms": percentile_ms(probes, 0.99),
+            "loop_lag_p99_ms": round(
+                percentile_ms(probes, 0.99) - figures["idle"]["healthz_p99_ms"], 3
+            ),
+        }
+        await h.settle(timeout=120)
+    figures["max"] = dict(figures[str(counts[-1])])
+    return Measured(figures)
+
+
+async def _hold(h: Harness, n: int) -> list[asyncio.Task[Sample]]:
+    """Open n streams, at most 100 starting at a time; return once all have text."""
+    loop = asyncio.get_running_loop()
+    starting = asyncio.Semaphore(100)
+    tasks: list[asyncio.Task[Sample]] = []
+    firsts: list[asyncio.Future[None]] = []
+    for _ in range(n):
+        await starting.acquire()
+        first: asyncio.Future[None] = loop.create_future()
+        first.add_done_callback(lambda _: starting.release())
+        task = asyncio.create_task(h.one("direct", 1_000_000, first=first))
+        task.add_done_callback(lambda _, f=first: f.cancel())  # failed before any text
+        tasks.append(task)
+        firsts.append(first)
+    await asyncio.gather(*firsts, return_exceptions=True)
+    failed = [t for t in tasks if t.done()]
+    if failed:
+        for task in tasks:
+            task.cancel()
+        error = failed[0].exception() if not failed[0].cancelled() else None
+        raise RuntimeError(f"{len(failed)} of {n} held streams ended early: {error!r}")
+    return tasks
+
+
+async def limiter(h: Harness, sizes: Sizes) -> Measured:
+    """5. The limiter against sserelay's Redis, from this process, as sserelay uses it:
+    one admission is a decision over every window of the bench plan (`acquire`) and,
+    when the stream ends, its settlement; 1,000 callers."""
+    from app.services import redis_clients
+    from ratelimit import Demand, Plan, RedisLimiter
+
+    assert h.redis is not None
+    redis_client, tail = redis_clients(h.redis.url, 200)
+    await tail.aclose()
+    limiter = RedisLimiter(redis_client, prefix="bench:")
+    plan = Plan(**BENCH_PLAN)
+    windows = plan.windows()
+    demand = Demand(requests=1, tokens=1024, cost_nano_usd=5_000)
+    subjects = [f"caller-{i}" for i in range(1000)]
+    rng = random.Random(7)
+
+    async def admit() -> float:
+        started = time.perf_counter()
+        decision = await limiter.acquire(
+            rng.choice(subjects), windows, demand, concurrency_limit=plan.concurrent_streams
+        )
+        elapsed = time.perf_counter() - started
+        if not decision.allowed or decision.reservation is None:
+            raise RuntimeError("the bench plan refused an admission")
+        await limiter.settle(decision.reservation, tokens=512, cost_nano_usd=2_500)
+        return elapsed
+
+    try:
+        for _ in range(50):
+            await admit()
+        alone = [await admit() for _ in range(sizes.limiter_latency_samples)]
+        latencies: list[float] = []
+        own = own_cpu_seconds()
+        redis_cpu = cpu_seconds(h.redis.proc.pid)
+        t0 = time.perf_counter()
+        deadline = t0 + sizes.limiter_s
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                latencies.append(await admit())
+
+        await asyncio.gather(*(worker() for _ in range(sizes.limiter_concurrency)))
+        wall = time.perf_counter() - t0
+    finally:
+        await redis_client.aclose()
+    figures: Figures = {
+        "redis": {
+            "admissions_per_s": round(len(latencies) / wall),
+            "concurrency": sizes.limiter_concurrency,
+            "decision_p50_ms": percentile_ms(latencies, 0.5),
+            "decision_p99_ms": percentile_ms(latencies, 0.99),
+            "alone_decision_p50_ms": percentile_ms(alone, 0.5),
+            "alone_decision_p99_ms": percentile_ms(alone, 0.99),
+            "process_cpu_util": round((own_cpu_seconds() - own) / wall, 2),
+            "process_cpu_us_per_admission": round(
+                (own_cpu_seconds() - own) / len(latencies) * 1e6, 1
+            ),
+            "redis_cpu_util": round((cpu_seconds(h.redis.proc.pid) - redis_cpu) / wall, 2),
+            "windows": len(windows),
+        }
+    }
+    return Measured(figures)
