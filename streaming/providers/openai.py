@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from ..chunks import Chunk, Stop, TextDelta, Usage
 from . import _errors
+from ._http import HTTPError, Pool, Response
 from .base import GenerationRequest
+
+_TAIL_WAIT_S = 0.05
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -29,20 +31,18 @@ class OpenAIProvider:
         api_key: str | None,
         connect_timeout_s: float = 5.0,
         max_connections: int = 1000,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         headers = {"accept": "text/event-stream"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         # One pool per provider for the life of the app; read timeouts are enforced by
-        # the pipeline (first token / between chunks), not by httpx.
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
-            transport=transport,
+        # the pipeline (first token / between chunks), not by the client.
+        self._pool = Pool(
+            base_url,
+            headers={**headers, "content-type": "application/json"},
+            max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s,
         )
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:
@@ -65,37 +65,33 @@ class OpenAIProvider:
         return body
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        body = json.dumps(self._body(request)).encode()
         try:
-            async with self._client.stream(
-                "POST", "/chat/completions", json=self._body(request), headers=request.headers
+            async with self._pool.stream(
+                "POST", "/chat/completions", body, request.headers
             ) as response:
-                if response.status_code != 200:
+                if response.status != 200:
                     raise await _failed(response)
                 async for chunk in _parse(response):
                     yield chunk
-        except httpx.TimeoutException as exc:
-            raise _errors.connection_error(f"timed out connecting to the provider: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise (
-                _errors.dropped_error()
-                if _mid_body(exc)
-                else _errors.connection_error(f"cannot reach the provider: {exc}")
-            ) from exc
+        except HTTPError as exc:
+            if exc.mid_body:
+                raise _errors.dropped_error() from exc
+            raise _errors.connection_error(str(exc)) from exc
 
     async def ready(self) -> bool:
         return True
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
 
-def _mid_body(exc: httpx.TransportError) -> bool:
-    return isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
-
-
-async def _failed(response: httpx.Response) -> Exception:
-    body = await response.aread()
-    message = f"provider answered {response.status_code}"
+async def _failed(response: Response) -> Exception:
+    try:
+        body = await response.aread()
+    except HTTPError:
+        body = b""
+    message = f"provider answered {response.status}"
     kind = None
     try:
         error = json.loads(body).get("error") or {}
@@ -104,18 +100,18 @@ async def _failed(response: httpx.Response) -> Exception:
     except (ValueError, AttributeError):
         pass
     return _errors.status_error(
-        response.status_code,
+        response.status,
         message,
         retry_after=_errors.parse_retry_after(response.headers),
         kind=kind if isinstance(kind, str) else None,
     )
 
 
-async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _lines(response: Response) -> AsyncIterator[bytes]:
     """SSE lines as bytes: splitting bytes ourselves skips two layers of text decoding
     per network read, which is most of what relaying a fast stream costs."""
     buffer = b""
-    async for data in response.aiter_bytes():
+    async for data in response.aiter():
         buffer += data
         if b"\n" not in data:
             continue
@@ -126,13 +122,28 @@ async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
         yield buffer.rstrip(b"\r")
 
 
-async def _parse(response: httpx.Response) -> AsyncIterator[Chunk]:
+async def _finish_body(lines: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (normally just the end of the chunked body): a response
+    read to its end returns its connection to the pool, one closed early costs the next
+    stream a new TCP (and TLS) handshake. A server that keeps the body open is not waited
+    for."""
+    try:
+        async with asyncio.timeout(_TAIL_WAIT_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, HTTPError):
+        pass
+
+
+async def _parse(response: Response) -> AsyncIterator[Chunk]:
     finish: str | None = None
-    async for line in _lines(response):
+    lines = _lines(response)
+    async for line in lines:
         if not line.startswith(b"data:"):
             continue  # comments, event names and blank separators carry nothing here
         payload = line[5:].strip()
         if payload == b"[DONE]":
+            await _finish_body(lines)
             yield Stop(_STOP_REASONS.get(finish or "stop", finish or "end_turn"))
             return
         try:

@@ -1,0 +1,335 @@
+"""A small HTTP/1.1 client for streaming from one upstream: a keep-alive pool of
+asyncio protocols around httptools' C parser (the one uvicorn uses).
+
+Why not httpx: relaying a stream is one request and then many small body reads, and
+httpx spends most of a short stream's CPU in its pure-Python layers (h11, anyio, the
+pool and its locks); this client does the same work in a fraction of it. What it
+supports is what streaming from a model server needs: one origin per pool, http and
+https, chunked or sized bodies, keep-alive, a connect timeout, back-pressure, and
+cancellation that closes the socket. Read timeouts belong to the caller (the pipeline's
+first-token and idle timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+_HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
+
+
+class HTTPError(Exception):
+    """The connection failed; `mid_body` says whether a response had begun."""
+
+    def __init__(self, message: str, *, mid_body: bool = False, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.mid_body = mid_body
+        self.timeout = timeout
+
+
+class _Connection(asyncio.Protocol):
+    """One socket; one exchange at a time. Parser callbacks fill the current response."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.error: BaseException | None = None
+        self._response: Response | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._keep_alive = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(HTTPError(f"malformed HTTP from the provider: {exc}", mid_body=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self._response
+        if response is None or response.complete:
+            return
+        delimited = "content-length" in response.headers or "chunked" in response.headers.get(
+            "transfer-encoding", ""
+        )
+        if response.status and not delimited and exc is None:
+            response.complete = True  # a body without a length ends with its connection
+            response._wake()
+            return
+        self._fail(
+            HTTPError(
+                f"the provider closed the connection: {exc or 'EOF'}",
+                mid_body=response.status != 0,
+            )
+        )
+
+    def pause_writing(self) -> None:  # requests are small; nothing to throttle
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._response is not None
+        self._response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        assert self._response is not None and self._parser is not None
+        self._response.status = self._parser.get_status_code()
+        self._response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        assert self._response is not None
+        self._response._push(body)
+
+    def on_message_complete(self) -> None:
+        assert self._response is not None and self._parser is not None
+        # Asked now: once the message is parsed, the parser no longer knows.
+        self._keep_alive = self._parser.should_keep_alive()
+        self._response.complete = True
+        self._response._wake()
+
+    # the client side
+    def start(self, response: Response, request: bytes) -> None:
+        assert self.transport is not None
+        self._response = response
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport.write(request)
+
+    def done(self) -> bool:
+        """The exchange is over; True if the connection can carry another."""
+        reusable = (
+            not self.closed
+            and self._response is not None
+            and self._response.complete
+            and self._keep_alive
+        )
+        self._keep_alive = False
+        self._response = None
+        self._parser = None
+        return reusable
+
+    def _fail(self, error: HTTPError) -> None:
+        if self._response is not None:
+            self._response.error = error
+            self._response._wake()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Response:
+    """Status and headers once they are in; the body as it arrives, through `aiter()`.
+    Close it (the pool does, after `stream()`) to release the connection."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.complete = False
+        self.error: HTTPError | None = None
+        self._connection = connection
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _push(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused:
+            transport = self._connection.transport
+            if transport is not None:
+                transport.pause_reading()
+                self._paused = True
+        self._wake()
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _head(self) -> None:
+        while not self.status and self.error is None:
+            await self._wait()
+        if self.error is not None and not self.status:
+            raise self.error
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive, in whatever pieces the network delivered."""
+        chunks = self._chunks
+        while True:
+            if chunks:
+                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    transport = self._connection.transport
+                    if transport is not None:
+                        transport.resume_reading()
+                yield data
+                continue
+            if self.complete:
+                return
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+
+    async def aread(self, limit: int = 1 << 20) -> bytes:
+        body = bytearray()
+        async for data in self.aiter():
+            body += data
+            if len(body) > limit:
+                break
+        return bytes(body)
+
+
+class Pool:
+    """Keep-alive connections to one origin, at most `max_connections` at once (a stream
+    waits for a free slot rather than failing)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_connections: int = 1000,
+        max_idle: int = 100,
+        connect_timeout_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.host = url.hostname
+        self.tls = url.scheme == "https"
+        self.port = url.port or (443 if self.tls else 80)
+        self.base_path = url.path.rstrip("/")
+        default_port = self.port == (443 if self.tls else 80)
+        authority = self.host if default_port else f"{self.host}:{self.port}"
+        if ":" in self.host:  # IPv6 literal
+            authority = f"[{self.host}]" if default_port else f"[{self.host}]:{self.port}"
+        self._fixed = f"host: {authority}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in (headers or {}).items()
+        )
+        self._ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
+        self._idle: list[_Connection] = []
+        self._max_idle = max_idle
+        self._slots = asyncio.Semaphore(max_connections)
+        self._connect_timeout_s = connect_timeout_s
+        self._closed = False
+
+    def _reuse(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and not (
+                connection.transport is None or connection.transport.is_closing()
+            ):
+                return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, protocol = await loop.create_connection(
+                    _Connection,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                )
+        except TimeoutError as exc:
+            raise HTTPError("timed out connecting to the provider", timeout=True) from exc
+        except OSError as exc:
+            raise HTTPError(f"cannot reach the provider: {exc}") from exc
+        return protocol
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.done() and not self._closed and len(self._idle) < self._max_idle:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def stream(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> _Exchange:
+        """`async with pool.stream(...) as response:`; leaving the block releases the
+        connection (closed, unless the body was read to its end)."""
+        head = f"{method} {self.base_path}{path} HTTP/1.1\r\n{self._fixed}"
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head += f"content-length: {len(body)}\r\n\r\n"
+        return _Exchange(self, head.encode("latin-1") + body)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+
+class _Exchange:
+    def __init__(self, pool: Pool, request: bytes) -> None:
+        self._pool = pool
+        self._request = request
+        self._connection: _Connection | None = None
+        self._held = False
+
+    async def __aenter__(self) -> Response:
+        await self._pool._slots.acquire()
+        self._held = True
+        try:
+            reused = self._connection = self._pool._reuse()
+            if reused is not None:
+                try:
+                    return await self._send(reused)
+                except HTTPError as exc:
+                    if exc.mid_body:
+                        raise
+                    # The server closed an idle connection as we reused it: it never saw
+                    # this request, so sending it again on a new connection is safe.
+                    self._pool._release(reused)
+            self._connection = await self._pool._connect()
+            return await self._send(self._connection)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+
+    async def _send(self, connection: _Connection) -> Response:
+        response = Response(connection)
+        connection.start(response, self._request)
+        await response._head()
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._connection is not None:
+            self._pool._release(self._connection)
+            self._connection = None
+        if self._held:
+            self._held = False
+            self._pool._slots.release()
