@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,9 +174,12 @@ class Meter:
 
 async def meter(
     items: AsyncIterator[Item], state: Meter, clock: Callable[[], float]
-) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
     """Turn text and usage into `delta` and (rate-limited) `progress` events; on `Stop`,
-    one last `progress` at 100 % and `done` with the provider's usage."""
+    one last `progress` at 100 % and `done` with the provider's usage.
+
+    Events are yielded in groups, one group per item, so that what is produced together
+    can be written to the client together (one socket write, not one per event)."""
     async for item in items:
         if isinstance(item, TextDelta):
             now = clock()
@@ -185,10 +188,12 @@ async def meter(
             index = state.chars
             state.chars += len(item.text)
             state.output_tokens += item.tokens
-            yield "delta", {"text": item.text, "index": index}
+            delta = ("delta", {"text": item.text, "index": index})
             if now >= state.next_progress:
                 state.next_progress = now + state.interval
-                yield "progress", state.progress(now)
+                yield [delta, ("progress", state.progress(now))]
+            else:
+                yield [delta]
         elif isinstance(item, Usage):
             if item.input_tokens is not None:
                 state.input_tokens = item.input_tokens
@@ -198,17 +203,19 @@ async def meter(
             if state.reported_output is not None:
                 state.output_tokens = state.reported_output
             now = clock()
-            yield "progress", state.progress(now, final=True)
-            yield (
-                "done",
-                {
-                    "stop_reason": item.reason,
-                    "usage": state.usage(),
-                    "cost_usd": state.cost_usd,
-                    "ttft_ms": state.ttft_ms,
-                    "duration_ms": round((now - state.started) * 1000),
-                },
-            )
+            yield [
+                ("progress", state.progress(now, final=True)),
+                (
+                    "done",
+                    {
+                        "stop_reason": item.reason,
+                        "usage": state.usage(),
+                        "cost_usd": state.cost_usd,
+                        "ttft_ms": state.ttft_ms,
+                        "duration_ms": round((now - state.started) * 1000),
+                    },
+                ),
+            ]
             return
 
 
@@ -267,24 +274,38 @@ class Generation:
         self.outcome = Outcome()
 
     async def events(self) -> AsyncIterator[Event]:
+        batches = self.batches()
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()  # now, not when collected: it closes the upstream
+
+    async def batches(self) -> AsyncGenerator[list[Event], None]:
+        """The events, grouped as they were produced: a consumer that writes a group at
+        once makes one write where it would make two or three."""
         encode = self.encode
-        yield encode("start", self.start_data)
+        yield [encode("start", self.start_data)]
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         task = asyncio.create_task(self._pump(queue))
         try:
             items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
             parts = self.parts
-            async for name, data in meter(items, self.meter, self.clock):
-                if parts is not None and name == "delta":
-                    parts.append(data["text"])
-                if name == "done":
-                    self.end("done", stop_reason=data["stop_reason"])
-                yield encode(name, data)
+            async for group in meter(items, self.meter, self.clock):
+                batch = []
+                for name, data in group:
+                    if parts is not None and name == "delta":
+                        parts.append(data["text"])
+                    if name == "done":
+                        self.end("done", stop_reason=data["stop_reason"])
+                    batch.append(encode(name, data))
+                yield batch
         except UpstreamError as exc:
-            yield self.abort(exc.code, exc.message, retryable=exc.retryable, status="error")
+            yield [self.abort(exc.code, exc.message, retryable=exc.retryable, status="error")]
         except Exception:
             logger.exception("stream failed")
-            yield self.abort("internal_error", "internal error", retryable=True, status="error")
+            yield [self.abort("internal_error", "internal error", retryable=True, status="error")]
         finally:
             task.cancel()
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from .events import Event, EventEncoder
 from .log import StreamLog
@@ -11,8 +11,9 @@ from .log import StreamLog
 
 async def follow(
     log: StreamLog, stream_id: str, after: int, *, grace_s: float
-) -> AsyncIterator[Event]:
-    """Yield events with id > `after` until the terminal one.
+) -> AsyncGenerator[list[Event], None]:
+    """Yield events with id > `after` until the terminal one, in the groups the log
+    returned them (a reader catching up writes a group to its client at once).
 
     While it waits it tells the log a reader is attached (so the stream is not cancelled
     as orphaned) at a third of the grace period. If the stream is still `running` but
@@ -28,38 +29,48 @@ async def follow(
             next_touch = now + heartbeat
             liveness = await log.touch_reader(stream_id, grace_s)
             if liveness is None:
-                yield _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
+                yield [_expired(last)]
                 return
-        events = await log.read(stream_id, last, block_s=heartbeat)
-        for event in events:
-            yield event
-            last = event.id
-            if event.terminal:
-                return
+        events = _upto_terminal(await log.read(stream_id, last, block_s=heartbeat))
         if events:
+            yield events
+            last = events[-1].id
+            if events[-1].terminal:
+                return
             continue
         next_touch = time.monotonic() + heartbeat
         liveness = await log.touch_reader(stream_id, grace_s)
         if liveness is None:
-            yield _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
+            yield [_expired(last)]
             return
         if liveness.status == "running" and liveness.generating:
             continue
         # Ended, or its generator died: whatever was appended before that is final.
-        tail = await log.read(stream_id, last)
-        for event in tail:
-            yield event
-            last = event.id
-            if event.terminal:
+        tail = _upto_terminal(await log.read(stream_id, last))
+        if tail:
+            yield tail
+            last = tail[-1].id
+            if tail[-1].terminal:
                 return
-        if not tail:
+        else:
             # The end is written to the log, so every reader, now or reconnecting, sees
             # the same terminal event under a real id; if the generator got there
             # first it is alive after all, and reading simply goes on.
             lost = _lost(last, "stream_lost", "the stream stopped before it finished")
             if await log.claim_end(stream_id, lost):
-                yield lost
+                yield [lost]
                 return
+
+
+def _expired(last: int) -> Event:
+    return _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
+
+
+def _upto_terminal(events: list[Event]) -> list[Event]:
+    for i, event in enumerate(events):
+        if event.terminal:
+            return events[: i + 1]
+    return events
 
 
 def _lost(last: int, code: str, message: str, *, retryable: bool = True) -> Event:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -100,10 +101,12 @@ async def stream_events(request: Request) -> Response | SSEResponse:
 
     sent = services.metrics.sent
 
-    async def frames(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        async for event in events:
-            sent(event.name)
-            yield event.frame()
+    async def frames(batches: AsyncGenerator[list[Event], None]) -> AsyncIterator[bytes]:
+        async with aclosing(batches):
+            async for batch in batches:
+                for event in batch:
+                    sent(event.name)
+                yield b"".join([event.frame() for event in batch])
 
     events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
     return SSEResponse(
@@ -171,9 +174,12 @@ async def chat_stream(request: Request) -> SSEResponse:
     sent = services.metrics.sent
 
     async def frames() -> AsyncIterator[bytes]:
-        async for event in generation.events():
-            sent(event.name)
-            yield event.frame()
+        # Closed explicitly, not when collected: closing the batches cancels upstream.
+        async with aclosing(generation.batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    sent(event.name)
+                yield b"".join([event.frame() for event in batch])
 
     async def finished() -> None:
         # Closed or cancelled before the end: the client left, and closing the

@@ -136,7 +136,10 @@ async def test_meter_progress_is_rate_limited_monotone_and_ends_at_100() -> None
         progress_interval_s=0.25,
         started=0.0,
     )
-    events = await _list(meter(items(), state, lambda: now[0]))
+    groups = await _list(meter(items(), state, lambda: now[0]))
+    events = [event for group in groups for event in group]
+    # What is produced together is grouped: a delta with its progress, progress with done.
+    assert [[n for n, _ in g] for g in groups][-1] == ["progress", "done"]
     names = [n for n, _ in events]
     assert names.count("delta") == 10
     progress = [d for n, d in events if n == "progress"]
