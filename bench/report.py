@@ -154,8 +154,8 @@ def table(results: Results) -> str:
 
 
 def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
-    """Latency CDFs, direct vs sserelay, one panel per scenario. None if matplotlib is
-    missing (the `bench` extra)."""
+    """Latency CDFs, direct vs sserelay, one panel per scenario. None if there is nothing
+    to draw or matplotlib is missing (the `bench` extra)."""
     try:
         import matplotlib
 
@@ -164,6 +164,8 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
     except ImportError:
         return None
     scenarios = [s for s in ("sequential", "concurrent") if ttfts.get(s)]
+    if not scenarios:
+        return None
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.2), squeeze=False)
     labels = {
         "upstream": "upstream directly",
