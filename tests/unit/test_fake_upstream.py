@@ -310,3 +310,20 @@ async def test_control_api_and_precedence(
     assert listed[0]["model"] == "fake?tokens=9&fault=drop"
     assert (await http.delete("/_control/requests")).json() == {"cleared": 1}
     assert server.app.records == []
+
+
+async def test_batched_writes_keep_one_event_per_token(http: httpx.AsyncClient) -> None:
+    # `batch` packs several SSE events into one write (the bench's saturation load);
+    # the events themselves, and the text, are unchanged.
+    body = {"model": "fake?tokens=50&batch=16", "stream": True, "messages": []}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        reads = [raw async for raw in resp.aiter_raw()]
+    events = b"".join(reads).split(b"\n\n")
+    texts = [
+        json.loads(e[6:])["choices"][0]["delta"].get("content", "")
+        for e in events
+        if e.startswith(b"data: {") and json.loads(e[6:])["choices"]
+    ]
+    assert "".join(texts) == expected_text(50)
+    assert sum(1 for t in texts if t) == 50  # one event per token
+    assert len(reads) < 50  # but far fewer writes than events
