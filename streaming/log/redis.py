@@ -10,13 +10,17 @@ Keys (all under one hash tag per stream, so they share a Cluster slot):
     {prefix}s:{<id>}:cx   "cancel requested"
 
 Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD. Readers
-that wait for new events share one blocking XREAD per process (see `_tailer`), so open
-streams do not each hold a connection.
+that wait for new events of a stream generated elsewhere share one blocking XREAD per
+process (see `_tailer`), so open streams do not each hold a connection. A reader on the
+process that generates the stream (the common case) is woken by the append itself, once
+Redis has confirmed it: it waits on no Redis command at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,6 +33,15 @@ from .base import Control, Liveness, StreamInfo, StreamLog
 
 _INT_FIELDS = ("max_tokens",)
 _FLOAT_FIELDS = ("created_at",)
+
+
+@dataclass(slots=True)
+class _Local:
+    """A stream this process is writing: the last id Redis confirmed, and the readers
+    here waiting for more (each with the id it has; None wakes it to re-read)."""
+
+    last_id: int = 0
+    waiters: list[tuple[int, asyncio.Future[list[Event] | None]]] = field(default_factory=list)
 
 
 class RedisStreamLog(StreamLog):
@@ -48,6 +61,7 @@ class RedisStreamLog(StreamLog):
         self._live_ms = int((ttl_s + max_duration_s) * 1000)
         self._ttl_ms = int(ttl_s * 1000)
         self._tailer = Tailer(tail, client, _parse)
+        self._local: dict[str, _Local] = {}
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self._prefix}s:{{{stream_id}}}:{kind}"
@@ -63,6 +77,7 @@ class RedisStreamLog(StreamLog):
                 await pipe.execute()
         except RedisError as exc:
             raise StreamLogError(f"cannot create stream: {exc}") from exc
+        self._local[info.id] = _Local()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         try:
@@ -95,6 +110,15 @@ class RedisStreamLog(StreamLog):
                 await pipe.execute()
         except RedisError as exc:
             raise StreamLogError(f"cannot append to stream: {exc}") from exc
+        local = self._local.get(stream_id)
+        if local is not None and events:
+            local.last_id = max(local.last_id, events[-1].id)
+            for after, waiter in local.waiters:
+                if waiter.done() or events[-1].id <= after:
+                    continue
+                # Contiguous with what the reader has: hand it over; else it re-reads.
+                contiguous = events[0].id <= after + 1
+                waiter.set_result([e for e in events if e.id > after] if contiguous else None)
 
     async def finish(self, stream_id: str, status: str) -> None:
         try:
@@ -106,11 +130,19 @@ class RedisStreamLog(StreamLog):
                 await pipe.execute()
         except RedisError as exc:
             raise StreamLogError(f"cannot finish stream: {exc}") from exc
+        finally:
+            local = self._local.pop(stream_id, None)
+            for _, waiter in local.waiters if local is not None else ():
+                if not waiter.done():
+                    waiter.set_result(None)  # re-read: whatever is there is final
 
     async def read(
         self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
     ) -> list[Event]:
         key = self._key(stream_id, "ev")
+        local = self._local.get(stream_id)
+        if local is not None and block_s > 0 and local.last_id <= after:
+            return await self._wait_local(stream_id, local, after, block_s, limit)
         try:
             reply: Any = await self._r.xread({key: f"0-{after}"}, count=limit)
         except RedisError as exc:
@@ -119,7 +151,29 @@ class RedisStreamLog(StreamLog):
             return _parse(reply[0][1])
         if block_s <= 0:
             return []
+        local = self._local.get(stream_id)
+        if local is not None:
+            return await self._wait_local(stream_id, local, after, block_s, limit)
         return (await self._tailer.wait(key, after, block_s))[:limit]
+
+    async def _wait_local(
+        self, stream_id: str, local: _Local, after: int, block_s: float, limit: int
+    ) -> list[Event]:
+        if local.last_id > after:  # appended while we looked
+            return await self.read(stream_id, after, limit=limit)
+        waiter: asyncio.Future[list[Event] | None] = asyncio.get_running_loop().create_future()
+        entry = (after, waiter)
+        local.waiters.append(entry)
+        try:
+            async with asyncio.timeout(block_s):
+                events = await waiter
+        except TimeoutError:
+            return []
+        finally:
+            local.waiters.remove(entry)
+        if events is None:
+            return await self.read(stream_id, after, limit=limit)
+        return events[:limit]
 
     async def claim_end(self, stream_id: str, event: Event) -> bool:
         try:

@@ -25,26 +25,72 @@ from streaming.log import LogWriter
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(params=["memory", "redis"])
+class TwoProcesses(StreamLog):
+    """Streams written through one Redis log and read through another, as when a reader
+    reaches a process other than the one generating: reads go through the shared tailer,
+    not the generating process's local wake-ups."""
+
+    def __init__(self, writer: RedisStreamLog, reader: RedisStreamLog) -> None:
+        super().__init__(ttl_s=writer.ttl_s, max_duration_s=2, max_events=writer.max_events)
+        self.writer, self.reader = writer, reader
+
+    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+        await self.writer.create(info, reader_grace_s=reader_grace_s, lease_s=lease_s)
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        return await self.reader.info(stream_id)
+
+    async def append(self, stream_id: str, events: Any) -> None:
+        await self.writer.append(stream_id, events)
+
+    async def finish(self, stream_id: str, status: str) -> None:
+        await self.writer.finish(stream_id, status)
+
+    async def read(
+        self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
+    ) -> list[Event]:
+        return await self.reader.read(stream_id, after, block_s=block_s, limit=limit)
+
+    async def claim_end(self, stream_id: str, event: Event) -> bool:
+        return await self.reader.claim_end(stream_id, event)
+
+    async def touch_reader(self, stream_id: str, grace_s: float) -> Any:
+        return await self.reader.touch_reader(stream_id, grace_s)
+
+    async def request_cancel(self, stream_id: str) -> None:
+        await self.reader.request_cancel(stream_id)
+
+    async def renew(self, stream_ids: Any, lease_s: float) -> Any:
+        return await self.writer.renew(stream_ids, lease_s)
+
+    async def ping(self) -> None:
+        await self.reader.ping()
+
+
+@pytest.fixture(params=["memory", "redis", "redis-two-processes"])
 async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
     if request.param == "memory":
         yield MemoryStreamLog(ttl_s=2, max_duration_s=2, max_events=1000)
         return
     url = request.getfixturevalue("redis_url")
-    client, tail = redis_clients(url, max_connections=50)
-    log = RedisStreamLog(
-        client,
-        tail=tail,
-        prefix=f"t-{uuid.uuid4().hex[:6]}:",
-        ttl_s=2,
-        max_duration_s=2,
-        max_events=1000,
-    )
+    prefix = f"t-{uuid.uuid4().hex[:6]}:"
+    logs: list[RedisStreamLog] = []
+    clients = []
+    for _ in range(1 if request.param == "redis" else 2):
+        client, tail = redis_clients(url, max_connections=50)
+        clients.append(client)
+        logs.append(
+            RedisStreamLog(
+                client, tail=tail, prefix=prefix, ttl_s=2, max_duration_s=2, max_events=1000
+            )
+        )
     try:
-        yield log
+        yield logs[0] if len(logs) == 1 else TwoProcesses(*logs)
     finally:
-        await log.aclose()
-        await client.aclose()
+        for each in logs:
+            await each.aclose()
+        for client in clients:
+            await client.aclose()
 
 
 def _info(owner: str = "alice") -> StreamInfo:
@@ -244,3 +290,45 @@ async def test_the_writer_stops_after_a_failed_append() -> None:
     writer.add(_events(2)[1])
     await writer.close()
     assert log.calls == 1  # a later append would leave a gap in the ids
+
+
+async def test_readers_on_the_generating_process_need_no_blocking_read(redis_url: str) -> None:
+    """The process that appends wakes its own readers: with the tailer's connection
+    unusable (a dead port), they still get every event, and at once."""
+    import redis.asyncio as aioredis
+
+    from tests.support import free_port
+
+    client, _ = redis_clients(redis_url, max_connections=10)
+    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    log = RedisStreamLog(
+        client,
+        tail=dead,
+        prefix=f"t-{uuid.uuid4().hex[:6]}:",
+        ttl_s=5,
+        max_duration_s=5,
+        max_events=1000,
+    )
+    try:
+        info = _info()
+        await log.create(info, reader_grace_s=5, lease_s=5)
+        first, second = _events(3), _events(2, start=3)
+        readers = [asyncio.create_task(log.read(info.id, 0, block_s=10)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await log.append(info.id, first)
+        for reader in readers:
+            assert await asyncio.wait_for(reader, 2) == first
+        behind = asyncio.create_task(log.read(info.id, 1, block_s=10))  # catches up from Redis
+        assert await asyncio.wait_for(behind, 2) == first[1:]
+        waiting = asyncio.create_task(log.read(info.id, 3, block_s=10))
+        await asyncio.sleep(0.05)
+        await log.append(info.id, second)
+        assert await asyncio.wait_for(waiting, 2) == second
+        ending = asyncio.create_task(log.read(info.id, 5, block_s=10))
+        await asyncio.sleep(0.05)
+        await log.finish(info.id, "done")
+        assert await asyncio.wait_for(ending, 2) == []  # woken to look again, not held
+    finally:
+        await log.aclose()
+        await dead.aclose()
+        await client.aclose()
