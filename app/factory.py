@@ -7,6 +7,7 @@ Nothing is built at import time; the lifespan builds the services and keeps them
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -45,6 +46,10 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
                     name="config-watch",
                 )
             )
+        # What is built by now (imports, config, clients) lives as long as the process.
+        # Freezing it keeps full collections from rescanning it every time: unfrozen,
+        # each paused the event loop (and every stream on it) for about 80 ms.
+        gc.freeze()
         try:
             yield
         finally:
