@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._exceptions import UpstreamError
 from .chunks import Chunk, Stop, TextDelta, Usage
@@ -26,6 +27,36 @@ from .upstream import UpstreamObserver, UpstreamPolicy, pump
 logger = logging.getLogger("sserelay.pipeline")
 
 Item = TextDelta | Usage | Stop
+T = TypeVar("T")
+
+
+class Mailbox(Generic[T]):
+    """An unbounded queue with one consumer: what `asyncio.Queue` does here, for a
+    third of its memory (one deque instead of three). There is one per open stream."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> T:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +78,7 @@ class PipelineOptions:
 
 
 async def coalesce(
-    queue: asyncio.Queue[Chunk | BaseException], window_s: float, max_chars: int
+    queue: Mailbox[Chunk | BaseException], window_s: float, max_chars: int
 ) -> AsyncIterator[Item]:
     """Merge text that arrives close together into one delta.
 
@@ -287,7 +318,7 @@ class Generation:
         once makes one write where it would make two or three."""
         encode = self.encode
         yield [encode("start", self.start_data)]
-        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        queue: Mailbox[Chunk | BaseException] = Mailbox()
         task = asyncio.create_task(self._pump(queue))
         try:
             items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
@@ -313,7 +344,7 @@ class Generation:
             except asyncio.CancelledError:
                 pass
 
-    async def _pump(self, queue: asyncio.Queue[Chunk | BaseException]) -> None:
+    async def _pump(self, queue: Mailbox[Chunk | BaseException]) -> None:
         def count_retry(error: UpstreamError, attempt: int) -> None:
             self.outcome.retries = attempt
 

@@ -26,6 +26,7 @@ from streaming import (
     normalise,
     pump,
 )
+from streaming.pipeline import Mailbox
 
 REQUEST = GenerationRequest(model="m", messages=(Message("user", "hello there"),), max_tokens=50)
 
@@ -82,7 +83,7 @@ async def test_normalise_drops_empty_text_and_refuses_a_stream_that_just_ends() 
 
 
 async def test_coalesce_sends_first_text_at_once_and_merges_a_burst() -> None:
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    queue: Mailbox[Any] = Mailbox()
     for t in ["a", "b", "c", "d"]:
         queue.put_nowait(TextDelta(t))
     queue.put_nowait(Stop("end_turn"))
@@ -92,7 +93,7 @@ async def test_coalesce_sends_first_text_at_once_and_merges_a_burst() -> None:
 
 
 async def test_coalesce_bounds_by_size_and_flushes_on_timer() -> None:
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    queue: Mailbox[Any] = Mailbox()
     for t in ["x", "yy", "zz", "w"]:
         queue.put_nowait(TextDelta(t))
     items = coalesce(queue, window_s=0.05, max_chars=3)
@@ -105,7 +106,7 @@ async def test_coalesce_bounds_by_size_and_flushes_on_timer() -> None:
 
 
 async def test_coalesce_delivers_held_text_before_an_error() -> None:
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    queue: Mailbox[Any] = Mailbox()
     error = UpstreamError("boom", code="upstream_dropped")
     for item in [TextDelta("a"), TextDelta("b"), error]:
         queue.put_nowait(item)
