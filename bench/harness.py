@@ -89,7 +89,12 @@ class Harness:
         wait_http(f"http://127.0.0.1:{self.up_port}", "/_control/health")
         config = {
             "providers": {
-                "up": {"kind": "openai", "base_url": f"http://127.0.0.1:{self.up_port}/v1"}
+                "up": {
+                    "kind": "openai",
+                    "base_url": f"http://127.0.0.1:{self.up_port}/v1",
+                    # Every held stream holds an upstream connection (default cap 1,000).
+                    "max_connections": 20_000,
+                }
             },
             "models": {
                 "bench": {

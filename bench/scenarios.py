@@ -275,7 +275,13 @@ async def _hold(h: Harness, n: int) -> list[asyncio.Task[Sample]]:
     tasks: list[asyncio.Task[Sample]] = []
     firsts: list[asyncio.Future[None]] = []
     for _ in range(n):
-        await starting.acquire()
+        try:
+            async with asyncio.timeout(60):
+                await starting.acquire()
+        except TimeoutError:
+            for task in tasks:
+                task.cancel()
+            raise RuntimeError(f"stuck opening streams: {len(tasks) - 100} of {n} open") from None
         first: asyncio.Future[None] = loop.create_future()
         first.add_done_callback(lambda _: starting.release())
         task = asyncio.create_task(h.one("direct", 1_000_000, first=first))
