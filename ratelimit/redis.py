@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ._pipeliner import Pipeliner
 from .base import Decision, Demand, Limiter, Reservation
 from .windows import WindowLimit, WindowState
 
@@ -53,6 +54,13 @@ class RedisLimiter(Limiter):
         self._acquire_script = client.register_script(_script("acquire.lua"))
         self._settle_script = client.register_script(_script("settle.lua"))
         self._renew_script = client.register_script(_script("renew.lua"))
+        cluster = isinstance(client, aioredis.RedisCluster)
+        self._pipeliner = None if cluster else Pipeliner(client)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._pipeliner is None:
+            return await script(keys=keys, args=args)
+        return await self._pipeliner.evalsha(script.sha, script.script, keys, args)
 
     def _base(self, subject: str) -> str:
         # A subject with braces would break the hash tag: such subjects are hashed.
@@ -84,7 +92,7 @@ class RedisLimiter(Limiter):
         ]
         for w in windows:
             args += [w.limit, w.window_ms, w.bucket_ms, demand.weight(w)]
-        reply: list[int] = await self._acquire_script(keys=keys, args=args)
+        reply: list[int] = await self._call(self._acquire_script, keys, args)
         allowed, now, in_use = bool(reply[0]), int(reply[1]), int(reply[2])
         states = []
         for i, window in enumerate(windows):
@@ -109,7 +117,7 @@ class RedisLimiter(Limiter):
         args: list[Any] = [_SETTLED_TTL_MS, reservation.id if reservation.lease else ""]
         for bucket, refund in zip(reservation.buckets, refunds, strict=True):
             args += [bucket, refund]
-        return bool(await self._settle_script(keys=keys, args=args))
+        return bool(await self._call(self._settle_script, keys, args))
 
     async def _renew(self, reservations: Sequence[Reservation]) -> None:
         # One script call per principal (each touches its own slot; cluster pipelines

@@ -5,6 +5,7 @@ test replays exact instants instead of sleeping."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -250,3 +251,53 @@ def test_plans_refuse_duplicate_limit_names() -> None:
                 ],
             }
         )
+
+
+async def test_concurrent_decisions_share_pipelines_and_stay_strict(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Calls made while others are in flight go out together; each still gets its own
+    answer, and a limit is never over-admitted."""
+    limiter = RedisLimiter(redis_client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
+    assert limiter._pipeliner is not None
+    sent: list[int] = []
+    real_send = limiter._pipeliner._send
+
+    async def counting_send(batch: list) -> None:  # type: ignore[type-arg]
+        sent.append(len(batch))
+        await real_send(batch)
+
+    limiter._pipeliner._send = counting_send  # type: ignore[method-assign]
+    limit = WindowLimit("rpm", "requests", 50, 60_000)
+    subjects = ["a", "b"]
+    decisions = await asyncio.gather(
+        *(limiter.acquire(subjects[i % 2], [limit], Demand()) for i in range(300))
+    )
+    for subject in subjects:
+        mine = [d for i, d in enumerate(decisions) if subjects[i % 2] == subject]
+        assert sum(d.allowed for d in mine) == 50
+    assert sum(sent) == 300 and max(sent) > 1 and len(sent) < 300
+
+
+async def test_a_flushed_script_cache_is_reloaded_for_single_and_batched_calls(
+    redis_client: aioredis.Redis,
+) -> None:
+    limiter = RedisLimiter(redis_client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
+    limit = WindowLimit("rpm", "requests", 1000, 60_000)
+    await redis_client.script_flush()
+    assert (await limiter.acquire("x", [limit], Demand())).allowed
+    await redis_client.script_flush()
+    decisions = await asyncio.gather(*(limiter.acquire("x", [limit], Demand()) for _ in range(20)))
+    assert all(d.allowed for d in decisions)
+
+
+async def test_a_caller_giving_up_does_not_fail_its_batch(redis_client: aioredis.Redis) -> None:
+    limiter = RedisLimiter(redis_client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
+    limit = WindowLimit("rpm", "requests", 1000, 60_000)
+    calls = [asyncio.create_task(limiter.acquire("x", [limit], Demand())) for _ in range(30)]
+    await asyncio.sleep(0)
+    calls[0].cancel()
+    calls[15].cancel()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert len(answered) >= 28 and all(d.allowed for d in answered)
