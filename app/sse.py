@@ -93,30 +93,47 @@ class SSEResponse:
                 if aclose is not None:
                     await aclose()
 
+        # Pings are a timer, not a task per stream: a task that sleeps costs about a
+        # kilobyte for every open stream, and most streams never need a ping.
+        ping_timer: asyncio.TimerHandle | None = None
+        pinging: asyncio.Task[None] | None = None
+
+        def ping_due() -> None:
+            nonlocal ping_timer, pinging
+            wait = last_sent + self.ping_s - loop.time()
+            if wait > 0:
+                ping_timer = loop.call_later(wait, ping_due)
+            else:
+                ping_timer, pinging = None, loop.create_task(ping())
+
         async def ping() -> None:
-            while True:
-                wait = last_sent + self.ping_s - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
+            nonlocal ping_timer
+            try:
                 await write(PING_FRAME)
+            except OSError:
+                return  # the client is gone; the watcher or the producer notices
+            ping_timer = loop.call_later(self.ping_s, ping_due)
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
         producer = asyncio.create_task(produce())
-        pinger = asyncio.create_task(ping())
         watcher = asyncio.create_task(disconnected())
-        tasks: list[asyncio.Task[Any]] = [producer, pinger, watcher]
+        ping_timer = loop.call_later(self.ping_s, ping_due)
+        tasks: list[asyncio.Task[Any]] = [producer, watcher]
         if self.stop is not None:
             tasks.append(asyncio.create_task(self.stop.wait()))
         stopped = False
         try:
-            await asyncio.wait([producer, watcher, *tasks[3:]], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped = len(tasks) > 3 and tasks[3].done() and not producer.done()
+            stopped = len(tasks) > 2 and tasks[2].done() and not producer.done()
             self.client_gone = watcher.done() or (not producer.done() and not stopped)
+            if ping_timer is not None:
+                ping_timer.cancel()
+            if pinging is not None:
+                tasks.append(pinging)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import cast
 from urllib.parse import urlsplit
@@ -62,10 +61,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None or response.complete:
             return
-        delimited = "content-length" in response.headers or "chunked" in response.headers.get(
-            "transfer-encoding", ""
-        )
-        if response.status and not delimited and exc is None:
+        if response.status and not response.delimited and exc is None:
             response.complete = True  # a body without a length ends with its connection
             response._wake()
             return
@@ -84,8 +80,15 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._response is not None
-        self._response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        response = self._response
+        assert response is not None and self._parser is not None
+        key = name.decode("latin-1").lower()
+        if key == "content-length" or (key == "transfer-encoding" and b"chunked" in value):
+            response.delimited = True
+        # A stream's headers are of no use once it is streaming; an error's may say
+        # when to retry. Only the latter are kept (this is per open stream).
+        if self._parser.get_status_code() != 200:
+            response.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         assert self._response is not None and self._parser is not None
@@ -136,16 +139,17 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    """Status and headers once they are in; the body as it arrives, through `aiter()`.
-    Close it (the pool does, after `stream()`) to release the connection."""
+    """Status once it is in (and headers, for a status other than 200); the body as it
+    arrives, through `aiter()`. Leaving `Pool.stream()` releases the connection."""
 
     def __init__(self, connection: _Connection) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        self.delimited = False  # a length or chunking, rather than the connection's end
         self.complete = False
         self.error: HTTPError | None = None
         self._connection = connection
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []  # a list: a deque's first block alone is 600 bytes
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -324,6 +328,7 @@ class _Exchange:
         response = Response(connection)
         connection.start(response, self._request)
         await response._head()
+        self._request = b""  # answered: the prompt need not stay in memory for the stream
         return response
 
     async def __aexit__(self, *exc_info: object) -> None:

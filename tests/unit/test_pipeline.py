@@ -268,3 +268,22 @@ async def test_a_retry_after_longer_than_the_backoff_cap_is_not_waited_for() -> 
     out = await _pump(provider)  # backoff_max_s is 0.01
     assert out == [busy] and provider.calls == 1
     assert POLICY.backoff(1, 0.005) is not None and POLICY.backoff(1, 0.005) >= 0.005
+
+
+async def test_mailbox_keeps_order_across_waits_and_compaction() -> None:
+    box: Mailbox[int] = Mailbox()
+    got: list[int] = []
+    waiting = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    box.put_nowait(0)
+    got.append(await waiting)
+    sent = 1
+    for _ in range(50):  # a producer always ahead of its consumer
+        for _ in range(100):
+            box.put_nowait(sent)
+            sent += 1
+        for _ in range(60):
+            got.append(await box.get())
+    while not box.empty():
+        got.append(await box.get())
+    assert got == list(range(sent))
