@@ -28,6 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .._exceptions import StreamLogError
 from ..events import Event
+from ._appender import Appender
 from ._tailer import Tailer
 from .base import Control, Liveness, StreamInfo, StreamLog
 
@@ -61,6 +62,7 @@ class RedisStreamLog(StreamLog):
         self._live_ms = int((ttl_s + max_duration_s) * 1000)
         self._ttl_ms = int(ttl_s * 1000)
         self._tailer = Tailer(tail, client, _parse)
+        self._appender = Appender(client, self._queue_append)
         self._local: dict[str, _Local] = {}
 
     def _key(self, stream_id: str, kind: str) -> str:
@@ -93,21 +95,25 @@ class RedisStreamLog(StreamLog):
             fields[name] = float(fields[name])
         return StreamInfo(**fields)
 
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+    def _queue_append(self, pipe: Any, stream_id: str, events: Sequence[Event]) -> None:
         key = self._key(stream_id, "ev")
+        for event in events:
+            pipe.xadd(
+                key,
+                {"n": event.name, "d": event.data},
+                id=f"0-{event.id}",
+                maxlen=self.max_events,
+                approximate=True,
+            )
+        if events and events[0].id == 1:
+            # The first append creates the key: it lives as long as a stream may run,
+            # plus the replay TTL; `finish` shortens it. Later appends need not repeat it.
+            pipe.pexpire(key, self._live_ms)
+
+    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
         try:
-            # MULTI/EXEC: a blocked reader wakes once for the whole batch, not per event.
-            async with self._r.pipeline(transaction=True) as pipe:
-                for event in events:
-                    pipe.xadd(
-                        key,
-                        {"n": event.name, "d": event.data},
-                        id=f"0-{event.id}",
-                        maxlen=self.max_events,
-                        approximate=True,
-                    )
-                pipe.pexpire(key, self._live_ms)
-                await pipe.execute()
+            # One MULTI/EXEC, shared with other streams' appends made meanwhile.
+            await self._appender.append(stream_id, events)
         except RedisError as exc:
             raise StreamLogError(f"cannot append to stream: {exc}") from exc
         local = self._local.get(stream_id)

@@ -332,3 +332,43 @@ async def test_readers_on_the_generating_process_need_no_blocking_read(redis_url
         await log.aclose()
         await dead.aclose()
         await client.aclose()
+
+
+async def test_concurrent_appends_share_transactions_and_fail_alone(redis_url: str) -> None:
+    client, tail = redis_clients(redis_url, max_connections=10)
+    log = RedisStreamLog(
+        client,
+        tail=tail,
+        prefix=f"t-{uuid.uuid4().hex[:6]}:",
+        ttl_s=5,
+        max_duration_s=5,
+        max_events=1000,
+    )
+    sent: list[int] = []
+    real_send = log._appender._send
+
+    async def counting_send(batch: Any) -> None:
+        sent.append(len(batch))
+        await real_send(batch)
+
+    log._appender._send = counting_send  # type: ignore[method-assign]
+    try:
+        infos = [_info() for _ in range(40)]
+        for info in infos:
+            await log.create(info, reader_grace_s=5, lease_s=5)
+        await log.append(infos[0].id, _events(3))
+        stale = _events(1)  # id 1 again: Redis refuses it
+        results = await asyncio.gather(
+            log.append(infos[0].id, stale),
+            *(log.append(info.id, _events(3)) for info in infos[1:]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], StreamLogError)
+        assert all(r is None for r in results[1:])
+        for info in infos[1:]:
+            assert await log.read(info.id, 0) == _events(3)
+        assert await log.read(infos[0].id, 0) == _events(3)
+        assert max(sent) > 1 and sum(sent) == 1 + 40 and len(sent) < 1 + 40
+    finally:
+        await log.aclose()
+        await client.aclose()

@@ -1,0 +1,77 @@
+"""Appends of many streams, made while earlier ones are on the wire, share one pipeline.
+
+With hundreds of streams each writing an event every 50 ms, one round trip per append
+spends most of the process's CPU in the Redis client (a pool checkout, a write, a read
+and their parsing, per append). Appends that arrive while a pipeline is in flight wait
+for it and then go out together: under load a few pipelines carry hundreds of appends;
+when idle an append goes out at once, alone. Each append still succeeds or fails on its
+own: an error on one stream's entries fails that append only (Redis does not roll a
+transaction back on an error). The pipeline is one MULTI/EXEC so that a reader
+blocked in XREAD on another process sees each batch whole, never half of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ..events import Event
+
+Queue = Callable[[Any, str, Sequence[Event]], None]
+"""Adds one stream's commands to a pipeline."""
+
+
+class Appender:
+    def __init__(self, client: aioredis.Redis, queue: Queue, *, in_flight: int = 2) -> None:
+        """At most `in_flight` pipelines on the wire at once, so one slow reply does not
+        hold every stream."""
+        self._client = client
+        self._queue_commands = queue
+        self._capacity = in_flight
+        self._waiting: list[tuple[str, Sequence[Event], asyncio.Future[None]]] = []
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+        """Returns once Redis has the events; raises what Redis answered otherwise."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((stream_id, events, future))
+        if len(self._senders) < self._capacity:
+            # A task sends, not this caller: cancelling one append must not abort the
+            # pipeline that carries the others.
+            sender = asyncio.create_task(self._send_all())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        await future
+
+    async def _send_all(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, Sequence[Event], asyncio.Future[None]]]) -> None:
+        spans: list[int] = []
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for stream_id, events, _ in batch:
+                    before = len(pipe.command_stack)
+                    self._queue_commands(pipe, stream_id, events)
+                    spans.append(len(pipe.command_stack) - before)
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for (_, _, future), span in zip(batch, spans, strict=True):
+            errors = [r for r in replies[start : start + span] if isinstance(r, Exception)]
+            start += span
+            if future.done():
+                continue
+            if errors:
+                future.set_exception(errors[0])
+            else:
+                future.set_result(None)
