@@ -162,6 +162,7 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return None
     scenarios = [s for s in ("sequential", "concurrent") if ttfts.get(s)]
@@ -185,6 +186,9 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
             ax.step(xs, ys, where="post", label=labels.get(path, path))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("time to first text (ms, log scale)")
         ax.set_ylabel("fraction of streams")
         ax.set_title(titles.get(scenario, scenario))

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 "budget": report.budget_rows(results),
                 "results": results,
                 "each_run": all_runs,
+                "ttft_s": ttfts,  # every sample the chart shows, to redraw or compare
             },
             indent=2,
         )
