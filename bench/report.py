@@ -187,7 +187,9 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
             ax.step(xs, ys, where="post", label=labels.get(path, path))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{v:g}" if v < 1000 else f"{v / 1000:g}k")
+        )
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("time to first text (ms, log scale)")
         ax.set_ylabel("fraction of streams")
