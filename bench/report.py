@@ -46,32 +46,24 @@ def _get(results: Results, scenario: str, path: str, figure: str) -> Any:
     return results.get(scenario, {}).get(path, {}).get(figure, float("nan"))
 
 
+def _added_ttft(figure: str, scenario: str, p50_ms: float, p99_ms: float, note: str) -> Target:
+    def added(r: Results, q: str) -> Any:
+        return _get(r, scenario, "direct", f"added_{q}_ms")
+
+    return Target(
+        figure,
+        f"p50 <= {p50_ms:g} ms, p99 <= {p99_ms:g} ms{note}",
+        lambda r: (
+            f"p50 {added(r, 'p50'):+.2f} ms, p99 {added(r, 'p99'):+.2f} ms"
+            + (f" (at {_get(r, scenario, 'direct', 'in_flight')})" if note else "")
+        ),
+        lambda r: added(r, "p50") <= p50_ms and added(r, "p99") <= p99_ms,
+    )
+
+
 BUDGET = (
-    Target(
-        "added time to first delta, single stream",
-        "p50 <= 1 ms, p99 <= 3 ms",
-        lambda r: (
-            f"p50 {_get(r, 'sequential', 'direct', 'added_p50_ms'):+.2f} ms, "
-            f"p99 {_get(r, 'sequential', 'direct', 'added_p99_ms'):+.2f} ms"
-        ),
-        lambda r: (
-            _get(r, "sequential", "direct", "added_p50_ms") <= 1
-            and _get(r, "sequential", "direct", "added_p99_ms") <= 3
-        ),
-    ),
-    Target(
-        "added TTFT, concurrent streams in flight",
-        "p50 <= 2 ms, p99 <= 10 ms (at 500)",
-        lambda r: (
-            f"p50 {_get(r, 'concurrent', 'direct', 'added_p50_ms'):+.2f} ms, "
-            f"p99 {_get(r, 'concurrent', 'direct', 'added_p99_ms'):+.2f} ms "
-            f"(at {_get(r, 'concurrent', 'direct', 'in_flight')})"
-        ),
-        lambda r: (
-            _get(r, "concurrent", "direct", "added_p50_ms") <= 2
-            and _get(r, "concurrent", "direct", "added_p99_ms") <= 10
-        ),
-    ),
+    _added_ttft("added time to first delta, single stream", "sequential", 1, 3, ""),
+    _added_ttft("added TTFT, concurrent streams in flight", "concurrent", 2, 10, " (at 500)"),
     Target(
         "relayed tokens/s, one process, direct",
         ">= 100,000",

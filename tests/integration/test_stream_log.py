@@ -6,9 +6,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from app.services import redis_clients
 from streaming import (
@@ -21,6 +23,7 @@ from streaming import (
     StreamLogError,
 )
 from streaming.log import LogWriter
+from tests.support import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -91,6 +94,30 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
             await each.aclose()
         for client in clients:
             await client.aclose()
+
+
+@asynccontextmanager
+async def _redis_log(
+    redis_url: str, tail: aioredis.Redis | None = None
+) -> AsyncIterator[RedisStreamLog]:
+    """One Redis log (as one process has), on its own clients; `tail` replaces the
+    connection its shared blocking reads use."""
+    client, own_tail = redis_clients(redis_url, max_connections=10)
+    log = RedisStreamLog(
+        client,
+        tail=tail or own_tail,
+        prefix=f"t-{uuid.uuid4().hex[:6]}:",
+        ttl_s=5,
+        max_duration_s=5,
+        max_events=1000,
+    )
+    try:
+        yield log
+    finally:
+        await log.aclose()
+        for each in (own_tail, tail, client):
+            if each is not None:
+                await each.aclose()
 
 
 def _info(owner: str = "alice") -> StreamInfo:
@@ -249,16 +276,7 @@ async def test_claim_end_only_when_nothing_came_after(log: StreamLog) -> None:
 async def test_a_waiter_behind_the_covered_id_gets_everything(redis_url: str) -> None:
     """Redis readers share one XREAD; one joining from an earlier id than it covers must
     still get every event after its own id."""
-    client, tail = redis_clients(redis_url, max_connections=10)
-    log = RedisStreamLog(
-        client,
-        tail=tail,
-        prefix=f"t-{uuid.uuid4().hex[:6]}:",
-        ttl_s=5,
-        max_duration_s=5,
-        max_events=1000,
-    )
-    try:
+    async with _redis_log(redis_url) as log:
         info = _info()
         await log.create(info, reader_grace_s=5, lease_s=5)
         await log.append(info.id, _events(10))
@@ -269,9 +287,6 @@ async def test_a_waiter_behind_the_covered_id_gets_everything(redis_url: str) ->
         assert [e.id for e in behind] == [6, 7, 8, 9, 10]
         await log.append(info.id, _events(1, start=10))
         assert [e.id for e in await ahead] == [11]
-    finally:
-        await log.aclose()
-        await client.aclose()
 
 
 async def test_the_writer_stops_after_a_failed_append() -> None:
@@ -295,21 +310,9 @@ async def test_the_writer_stops_after_a_failed_append() -> None:
 async def test_readers_on_the_generating_process_need_no_blocking_read(redis_url: str) -> None:
     """The process that appends wakes its own readers: with the tailer's connection
     unusable (a dead port), they still get every event, and at once."""
-    import redis.asyncio as aioredis
-
-    from tests.support import free_port
-
-    client, _ = redis_clients(redis_url, max_connections=10)
-    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)
-    log = RedisStreamLog(
-        client,
-        tail=dead,
-        prefix=f"t-{uuid.uuid4().hex[:6]}:",
-        ttl_s=5,
-        max_duration_s=5,
-        max_events=1000,
-    )
-    try:
+    async with _redis_log(
+        redis_url, tail=aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    ) as log:
         info = _info()
         await log.create(info, reader_grace_s=5, lease_s=5)
         first, second = _events(3), _events(2, start=3)
@@ -328,31 +331,18 @@ async def test_readers_on_the_generating_process_need_no_blocking_read(redis_url
         await asyncio.sleep(0.05)
         await log.finish(info.id, "done")
         assert await asyncio.wait_for(ending, 2) == []  # woken to look again, not held
-    finally:
-        await log.aclose()
-        await dead.aclose()
-        await client.aclose()
 
 
 async def test_concurrent_appends_share_transactions_and_fail_alone(redis_url: str) -> None:
-    client, tail = redis_clients(redis_url, max_connections=10)
-    log = RedisStreamLog(
-        client,
-        tail=tail,
-        prefix=f"t-{uuid.uuid4().hex[:6]}:",
-        ttl_s=5,
-        max_duration_s=5,
-        max_events=1000,
-    )
-    sent: list[int] = []
-    real_send = log._appender._send
+    async with _redis_log(redis_url) as log:
+        sent: list[int] = []
+        real_send = log._appender._send
 
-    async def counting_send(batch: Any) -> None:
-        sent.append(len(batch))
-        await real_send(batch)
+        async def counting_send(batch: Any) -> None:
+            sent.append(len(batch))
+            await real_send(batch)
 
-    log._appender._send = counting_send  # type: ignore[method-assign]
-    try:
+        log._appender._send = counting_send  # type: ignore[method-assign]
         infos = [_info() for _ in range(40)]
         for info in infos:
             await log.create(info, reader_grace_s=5, lease_s=5)
@@ -369,6 +359,3 @@ async def test_concurrent_appends_share_transactions_and_fail_alone(redis_url: s
             assert await log.read(info.id, 0) == _events(3)
         assert await log.read(infos[0].id, 0) == _events(3)
         assert max(sent) > 1 and sum(sent) == 1 + 40 and len(sent) < 1 + 40
-    finally:
-        await log.aclose()
-        await client.aclose()
