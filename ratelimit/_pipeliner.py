@@ -27,6 +27,7 @@ class _Call:
     source: str
     args: list[Any]
     future: asyncio.Future[Any]
+    droppable: bool
 
 
 class Pipeliner:
@@ -40,9 +41,13 @@ class Pipeliner:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()  # running tasks must be referenced
 
-    async def evalsha(self, sha: str, source: str, keys: list[Any], args: list[Any]) -> Any:
+    async def evalsha(
+        self, sha: str, source: str, keys: list[Any], args: list[Any], *, droppable: bool = False
+    ) -> Any:
+        """`droppable`: if its caller stops waiting before it is sent, it is not sent
+        (an acquire nobody will settle); otherwise (a settlement) it always is."""
         loop = asyncio.get_running_loop()
-        call = _Call(sha, source, [len(keys), *keys, *args], loop.create_future())
+        call = _Call(sha, source, [len(keys), *keys, *args], loop.create_future(), droppable)
         self._queue.append(call)
         if self._in_flight < self._capacity:
             # The batch is sent by a task, not by this caller: a caller cancelled while
@@ -58,7 +63,9 @@ class Pipeliner:
             while self._queue:
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                await self._send(batch)
+                batch = [c for c in batch if not (c.droppable and c.future.done())]
+                if batch:
+                    await self._send(batch)
         finally:
             self._in_flight -= 1
 

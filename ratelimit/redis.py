@@ -57,10 +57,14 @@ class RedisLimiter(Limiter):
         cluster = isinstance(client, aioredis.RedisCluster)
         self._pipeliner = None if cluster else Pipeliner(client)
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(
+        self, script: Any, keys: list[str], args: list[Any], *, droppable: bool = False
+    ) -> Any:
         if self._pipeliner is None:
             return await script(keys=keys, args=args)
-        return await self._pipeliner.evalsha(script.sha, script.script, keys, args)
+        return await self._pipeliner.evalsha(
+            script.sha, script.script, keys, args, droppable=droppable
+        )
 
     def _base(self, subject: str) -> str:
         # A subject with braces would break the hash tag: such subjects are hashed.
@@ -92,7 +96,7 @@ class RedisLimiter(Limiter):
         ]
         for w in windows:
             args += [w.limit, w.window_ms, w.bucket_ms, demand.weight(w)]
-        reply: list[int] = await self._call(self._acquire_script, keys, args)
+        reply: list[int] = await self._call(self._acquire_script, keys, args, droppable=True)
         allowed, now, in_use = bool(reply[0]), int(reply[1]), int(reply[2])
         states = []
         for i, window in enumerate(windows):

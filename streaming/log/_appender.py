@@ -32,24 +32,29 @@ class Appender:
         self._queue_commands = queue
         self._capacity = in_flight
         self._waiting: list[tuple[str, Sequence[Event], asyncio.Future[None]]] = []
-        self._senders: set[asyncio.Task[None]] = set()
+        self._sending = 0  # counted in the sender itself: a done-callback would lag a turn
+        self._senders: set[asyncio.Task[None]] = set()  # running tasks must be referenced
 
     async def append(self, stream_id: str, events: Sequence[Event]) -> None:
         """Returns once Redis has the events; raises what Redis answered otherwise."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((stream_id, events, future))
-        if len(self._senders) < self._capacity:
+        if self._sending < self._capacity:
             # A task sends, not this caller: cancelling one append must not abort the
-            # pipeline that carries the others.
+            # transaction that carries the others.
+            self._sending += 1
             sender = asyncio.create_task(self._send_all())
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
         await future
 
     async def _send_all(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            await self._send(batch)
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                await self._send(batch)
+        finally:
+            self._sending -= 1
 
     async def _send(self, batch: list[tuple[str, Sequence[Event], asyncio.Future[None]]]) -> None:
         spans: list[int] = []

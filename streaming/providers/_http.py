@@ -120,6 +120,7 @@ class _Connection(asyncio.Protocol):
             and self._response is not None
             and self._response.complete
             and self._keep_alive
+            and not self._response._paused  # a paused socket would never read a reply
         )
         self._keep_alive = False
         self._response = None
@@ -247,7 +248,14 @@ class Pool:
         self._connect_timeout_s = connect_timeout_s
         self._closed = False
 
-    def _reuse(self) -> _Connection | None:
+    async def _reuse(self) -> _Connection | None:
+        """An idle connection still open. One loop turn first, so that a close the
+        server sent while it idled is seen before the request is written: once it is
+        written, a failure is never retried here (the server may have acted on it; the
+        pipeline's retry policy decides)."""
+        if not self._idle:
+            return None
+        await asyncio.sleep(0)
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed and not (
@@ -308,17 +316,8 @@ class _Exchange:
         await self._pool._slots.acquire()
         self._held = True
         try:
-            reused = self._connection = self._pool._reuse()
-            if reused is not None:
-                try:
-                    return await self._send(reused)
-                except HTTPError as exc:
-                    if exc.mid_body:
-                        raise
-                    # The server closed an idle connection as we reused it: it never saw
-                    # this request, so sending it again on a new connection is safe.
-                    self._pool._release(reused)
-            self._connection = await self._pool._connect()
+            reused = await self._pool._reuse()
+            self._connection = reused or await self._pool._connect()
             return await self._send(self._connection)
         except BaseException:
             await self.__aexit__(None, None, None)

@@ -301,3 +301,16 @@ async def test_a_caller_giving_up_does_not_fail_its_batch(redis_client: aioredis
     results = await asyncio.gather(*calls, return_exceptions=True)
     answered = [r for r in results if not isinstance(r, BaseException)]
     assert len(answered) >= 28 and all(d.allowed for d in answered)
+
+
+async def test_an_acquire_given_up_before_it_is_sent_is_not_applied(
+    redis_client: aioredis.Redis,
+) -> None:
+    limiter = RedisLimiter(redis_client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
+    limit = WindowLimit("rpm", "requests", 10, 60_000)
+    waiting = asyncio.create_task(limiter.acquire("x", [limit], Demand(), concurrency_limit=5))
+    await asyncio.sleep(0)  # queued, not yet on the wire
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    usage = await limiter.usage("x", [limit], concurrency_limit=5)
+    assert usage.windows[0].used == 0 and usage.concurrency_in_use == 0

@@ -188,3 +188,28 @@ async def test_a_large_body_arrives_whole_through_back_pressure() -> None:
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError):
         Pool("ftp://example.com")
+
+
+async def test_a_connection_left_with_reading_paused_is_not_reused() -> None:
+    blob = b"x" * (300 * 1024)  # above the high-water mark: the last read pauses reading
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(blob) + blob)
+            await writer.drain()
+
+    server, connections, url = await _serve(handler)
+    pool = Pool(url)
+    try:
+        async with pool.stream("POST", "/chat", b""):
+            await asyncio.sleep(0.2)  # the whole body is buffered, reading paused
+            # ... and the caller leaves without reading it (its client went away)
+        status, body = await asyncio.wait_for(_body(pool), 5)
+    finally:
+        await pool.aclose()
+        server.close()
+    assert (status, len(body)) == (200, len(blob))
