@@ -26,10 +26,9 @@ _HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
 class HTTPError(Exception):
     """The connection failed; `mid_body` says whether a response had begun."""
 
-    def __init__(self, message: str, *, mid_body: bool = False, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, mid_body: bool = False) -> None:
         super().__init__(message)
         self.mid_body = mid_body
-        self.timeout = timeout
 
 
 class _Connection(asyncio.Protocol):
@@ -38,7 +37,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.error: BaseException | None = None
         self._response: Response | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._keep_alive = False
@@ -71,12 +69,6 @@ class _Connection(asyncio.Protocol):
                 mid_body=response.status != 0,
             )
         )
-
-    def pause_writing(self) -> None:  # requests are small; nothing to throttle
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -276,7 +268,7 @@ class Pool:
                     server_hostname=self.host if self._ssl else None,
                 )
         except TimeoutError as exc:
-            raise HTTPError("timed out connecting to the provider", timeout=True) from exc
+            raise HTTPError("timed out connecting to the provider") from exc
         except OSError as exc:
             raise HTTPError(f"cannot reach the provider: {exc}") from exc
         return protocol
@@ -316,19 +308,16 @@ class _Exchange:
         await self._pool._slots.acquire()
         self._held = True
         try:
-            reused = await self._pool._reuse()
-            self._connection = reused or await self._pool._connect()
-            return await self._send(self._connection)
+            connection = await self._pool._reuse() or await self._pool._connect()
+            self._connection = connection
+            response = Response(connection)
+            connection.start(response, self._request)
+            self._request = b""  # written: the prompt need not stay in memory for the stream
+            await response._head()
+            return response
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
-
-    async def _send(self, connection: _Connection) -> Response:
-        response = Response(connection)
-        connection.start(response, self._request)
-        await response._head()
-        self._request = b""  # answered: the prompt need not stay in memory for the stream
-        return response
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._connection is not None:
