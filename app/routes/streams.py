@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -87,6 +87,18 @@ def _last_event_id(request: Request) -> int:
     return after
 
 
+async def _frames(
+    batches: AsyncGenerator[list[Event], None], sent: Callable[[str], None]
+) -> AsyncIterator[bytes]:
+    """One write per group of events produced together. The groups are closed when the
+    response ends, not when collected: closing a generation's batches cancels upstream."""
+    async with aclosing(batches):
+        async for batch in batches:
+            for event in batch:
+                sent(event.name)
+            yield b"".join([event.frame() for event in batch])
+
+
 async def stream_events(request: Request) -> Response | SSEResponse:
     stream_id = request.path_params["stream_id"]
     services = _services(request)
@@ -99,18 +111,9 @@ async def stream_events(request: Request) -> Response | SSEResponse:
             # The client has everything, terminal event included: 204 stops EventSource.
             return Response(status_code=204)
 
-    sent = services.metrics.sent
-
-    async def frames(batches: AsyncGenerator[list[Event], None]) -> AsyncIterator[bytes]:
-        async with aclosing(batches):
-            async for batch in batches:
-                for event in batch:
-                    sent(event.name)
-                yield b"".join([event.frame() for event in batch])
-
     events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
     return SSEResponse(
-        frames(events),
+        _frames(events, services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
         retry_ms=services.settings.retry_ms,
         stop=services.stopping,
@@ -171,16 +174,6 @@ async def chat_stream(request: Request) -> SSEResponse:
     info, generation = await start(request, caller, "c_")
     services.metrics.stream_started("chat", info.plan, info.model)
 
-    sent = services.metrics.sent
-
-    async def frames() -> AsyncIterator[bytes]:
-        # Closed explicitly, not when collected: closing the batches cancels upstream.
-        async with aclosing(generation.batches()) as batches:
-            async for batch in batches:
-                for event in batch:
-                    sent(event.name)
-                yield b"".join([event.frame() for event in batch])
-
     async def finished() -> None:
         # Closed or cancelled before the end: the client left, and closing the
         # generation has already cancelled the upstream request.
@@ -198,7 +191,7 @@ async def chat_stream(request: Request) -> SSEResponse:
 
     services.direct_streams += 1
     return SSEResponse(
-        frames(),
+        _frames(generation.batches(), services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
         on_close=finished,
         stop=services.stopping,
