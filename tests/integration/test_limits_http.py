@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,22 @@ async def test_a_request_that_can_never_fit_the_plan(
     assert r.status_code == 422 and r.json()["code"] == "exceeds_plan_limit"
 
 
+async def _limit_raised_by_reload(
+    client: httpx.AsyncClient, url: str, config: Path, reload: Callable[[], object]
+) -> None:
+    """Plan `r` allows 1 request a minute; raised to 5 in the file, and once `reload`
+    has made it take effect, the caller is admitted again."""
+    headers = who("r")
+    assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
+    assert (await client.post(url, json=BODY, headers=headers)).status_code == 429
+    raw = yaml.safe_load(config.read_text())
+    raw["plans"]["r"]["requests_per_minute"] = 5
+    config.write_text(yaml.safe_dump(raw))
+    reload()
+    r = await until_ok(lambda: client.post(url, json=BODY, headers=headers))
+    assert r.status_code == 200
+
+
 async def test_plans_reload_when_the_file_changes(
     tmp_path: Path, upstream: FakeUpstreamServer, client: httpx.AsyncClient
 ) -> None:
@@ -234,15 +250,9 @@ async def test_plans_reload_when_the_file_changes(
     )
     server = ServerThread(relay_settings(config, config_poll_s=0.05))
     try:
-        headers = who("r")
         url = server.url + "/v1/chat/stream"
-        assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
-        assert (await client.post(url, json=BODY, headers=headers)).status_code == 429
-        raw = yaml.safe_load(config.read_text())
-        raw["plans"]["r"]["requests_per_minute"] = 5
-        config.write_text(yaml.safe_dump(raw))
-        r = await until_ok(lambda: client.post(url, json=BODY, headers=headers))
-        assert r.status_code == 200
+        await _limit_raised_by_reload(client, url, config, lambda: None)
+        headers = who("r")
         # A broken file keeps the running plans.
         config.write_text("plans: [")
         await asyncio.sleep(0.3)
@@ -270,16 +280,10 @@ async def test_sighup_reloads_plans(
         }
     )  # only the signal reloads
     try:
-        headers = who("r")
         url = server.url + "/v1/chat/stream"
-        assert (await client.post(url, json=BODY, headers=headers)).status_code == 200
-        assert (await client.post(url, json=BODY, headers=headers)).status_code == 429
-        raw = yaml.safe_load(config.read_text())
-        raw["plans"]["r"]["requests_per_minute"] = 5
-        config.write_text(yaml.safe_dump(raw))
-        server.proc.send_signal(signal.SIGHUP)
-        r = await until_ok(lambda: client.post(url, json=BODY, headers=headers))
-        assert r.status_code == 200
+        await _limit_raised_by_reload(
+            client, url, config, lambda: server.proc.send_signal(signal.SIGHUP)
+        )
     finally:
         output = server.stop()
     assert "plans reloaded" in output
