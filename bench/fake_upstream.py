@@ -425,12 +425,17 @@ class _Exchange:
         pending: list[bytes] = []
         loop = asyncio.get_running_loop()
         t0, i, k = loop.time(), 0, 0
+
+        async def flush() -> None:
+            await self._write(b"".join(pending))
+            pending.clear()
+            rec.tokens_sent = i  # what actually went out
+
         while i != fault_at and i < self.n:
             j = min(i + chunk, self.n, fault_at if fault_at > i else self.n)
             delay = t0 + k * interval - loop.time() if interval else 0.0
             if delay > 0 and pending:
-                await self._write(b"".join(pending))
-                pending.clear()
+                await flush()
             if delay > 0 or batch == 1 or k % batch == 0:
                 await asyncio.sleep(delay if delay > 0 else 0)  # also a cancellation point
             text = _escaped_run(i, j, self.offset)
@@ -442,12 +447,11 @@ class _Exchange:
                 + text
                 + b'"},"finish_reason":null}]}\n\n'
             )
+            i, k = j, k + 1
             if len(pending) >= batch:
-                await self._write(b"".join(pending))
-                pending.clear()
-            rec.tokens_sent, i, k = j, j, k + 1
+                await flush()
         if pending:
-            await self._write(b"".join(pending))
+            await flush()
         if fault is not None:
             await self._fault(fault, anth)
             return

@@ -312,7 +312,9 @@ async def test_control_api_and_precedence(
     assert server.app.records == []
 
 
-async def test_batched_writes_keep_one_event_per_token(http: httpx.AsyncClient) -> None:
+async def test_batched_writes_keep_one_event_per_token(
+    http: httpx.AsyncClient, server: FakeUpstreamServer
+) -> None:
     # `batch` packs several SSE events into one write (the bench's saturation load);
     # the events themselves, and the text, are unchanged.
     body = {"model": "fake?tokens=50&batch=16", "stream": True, "messages": []}
@@ -327,3 +329,4 @@ async def test_batched_writes_keep_one_event_per_token(http: httpx.AsyncClient) 
     assert "".join(texts) == expected_text(50)
     assert sum(1 for t in texts if t) == 50  # one event per token
     assert len(reads) < 50  # but far fewer writes than events
+    assert server.app.records[-1].tokens_sent == 50
