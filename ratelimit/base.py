@@ -9,12 +9,16 @@ once when the stream ends, whichever way it ends.
 from __future__ import annotations
 
 import abc
+import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 from ._exceptions import LimiterUnavailable
 from .windows import WindowLimit, WindowState
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,44 @@ class Reservation:
     demand: Demand
     lease: bool
     """Whether a concurrency lease (named by `id`) was taken."""
+
+    def to_json(self) -> str:
+        """Everything settlement needs, so any process can settle it."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Reservation:
+        """The inverse of `to_json`; ValueError if `text` is not a serialised reservation."""
+        try:
+            raw: Any = json.loads(text)
+            reservation = cls(
+                id=_typed(raw["id"], str),
+                subject=_typed(raw["subject"], str),
+                windows=tuple(
+                    WindowLimit(
+                        name=_typed(w["name"], str),
+                        resource=w["resource"],
+                        limit=_typed(w["limit"], int),
+                        window_ms=_typed(w["window_ms"], int),
+                        buckets=_typed(w["buckets"], int),
+                    )
+                    for w in raw["windows"]
+                ),
+                buckets=tuple(_typed(b, int) for b in raw["buckets"]),
+                demand=Demand(
+                    requests=_typed(raw["demand"]["requests"], int),
+                    tokens=_typed(raw["demand"]["tokens"], int),
+                    cost_nano_usd=_typed(raw["demand"]["cost_nano_usd"], int),
+                ),
+                lease=_typed(raw["lease"], bool),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a serialised reservation: {exc!r}") from exc
+        if any(w.resource not in ("requests", "tokens", "cost_usd") for w in reservation.windows):
+            raise ValueError("not a serialised reservation: unknown resource")
+        if len(reservation.buckets) != len(reservation.windows):
+            raise ValueError("not a serialised reservation: one bucket per window")
+        return reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +158,16 @@ class Limiter(abc.ABC):
             raise LimiterUnavailable(f"rate limiter backend failed: {exc}") from exc
 
     async def settle(self, reservation: Reservation, *, tokens: int, cost_nano_usd: int) -> bool:
-        """Give back what was reserved beyond actual usage and release the lease.
-        Returns False (and changes nothing) if this reservation was settled before."""
+        """Give back what was reserved beyond actual usage (or charge what was used beyond
+        it) and release the lease. Returns False (and changes nothing) if this reservation
+        was settled before.
+
+        A refund only takes back what its own reservation added: it never takes a bucket
+        below zero, and if the backend no longer remembers the reservation (Redis
+        restarted empty, or its record expired) it gives back and charges nothing, since
+        the counts it would change may belong to later requests; the lease is still
+        released. Such a request stays counted at its worst case until its window passes:
+        conservative, never over-admitting."""
         refunds = tuple(
             _refund(w, reservation.demand, tokens, cost_nano_usd) for w in reservation.windows
         )
@@ -162,6 +212,25 @@ class Limiter(abc.ABC):
 
     async def _ping(self) -> None:
         return None
+
+
+SETTLED_TTL_MS = 86_400_000
+"""How long a settled reservation is remembered, to turn away a second settlement. Once
+it is forgotten, a late one finds no record and so changes no count either."""
+
+
+def pending_ttl_ms(windows: Sequence[WindowLimit]) -> int:
+    """How long an unsettled reservation is remembered, so its refund is still given: as
+    long as any of its windows may count its weight (a bucket is counted for up to window
+    + bucket ms, and kept one bucket longer), and at least as long as a settled one."""
+    return max([SETTLED_TTL_MS, *(w.window_ms + 2 * w.bucket_ms for w in windows)])
+
+
+def _typed(value: object, kind: type[_T]) -> _T:
+    # bool is an int in Python, never in the JSON written by `to_json`
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return value
 
 
 def _refund(limit: WindowLimit, demand: Demand, tokens: int, cost_nano_usd: int) -> int:

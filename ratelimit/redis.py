@@ -4,7 +4,9 @@ Keys (the principal in a hash tag, so each script touches one Redis Cluster slot
 
     {prefix}rl:{<subject>}:w:<limit>   hash: bucket index -> weight
     {prefix}rl:{<subject>}:c           sorted set: concurrency lease -> expiry ms
-    {prefix}rl:{<subject>}:s:<id>      "reservation <id> was settled" (idempotency)
+    {prefix}rl:{<subject>}:s:<id>      reservation <id>: "0" pending, "1" settled
+                                        (exactly once; and a refund only for a
+                                        reservation this Redis still holds)
 
 The clock is Redis `TIME`, read inside the scripts, so replicas with skewed clocks still
 agree. Every key expires.
@@ -23,11 +25,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ._pipeliner import Pipeliner
-from .base import Decision, Demand, Limiter, Reservation
+from .base import SETTLED_TTL_MS, Decision, Demand, Limiter, Reservation, pending_ttl_ms
 from .windows import WindowLimit, WindowState
 
 _SAFE = re.compile(r"^[A-Za-z0-9._@:-]{1,63}$")
-_SETTLED_TTL_MS = 86_400_000
 
 
 def _script(name: str) -> str:
@@ -86,13 +87,14 @@ class RedisLimiter(Limiter):
         commit: bool,
     ) -> Decision:
         base = self._base(subject)
-        keys = [f"{base}:c", *(f"{base}:w:{w.key}" for w in windows)]
+        keys = [f"{base}:c", f"{base}:s:{reservation_id}", *(f"{base}:w:{w.key}" for w in windows)]
         args: list[Any] = [
             self._now(),
             reservation_id if concurrency_limit is not None else "",
             self.lease_ttl_ms,
             -1 if concurrency_limit is None else concurrency_limit,
             1 if commit else 0,
+            pending_ttl_ms(windows),
         ]
         for w in windows:
             args += [w.limit, w.window_ms, w.bucket_ms, demand.weight(w)]
@@ -118,7 +120,7 @@ class RedisLimiter(Limiter):
         base = self._base(reservation.subject)
         keys = [f"{base}:s:{reservation.id}", f"{base}:c"]
         keys += [f"{base}:w:{w.key}" for w in reservation.windows]
-        args: list[Any] = [_SETTLED_TTL_MS, reservation.id if reservation.lease else ""]
+        args: list[Any] = [SETTLED_TTL_MS, reservation.id if reservation.lease else ""]
         for bucket, refund in zip(reservation.buckets, refunds, strict=True):
             args += [bucket, refund]
         return bool(await self._call(self._settle_script, keys, args))

@@ -6,6 +6,7 @@ test replays exact instants instead of sleeping."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratelimit import Demand, Limiter, MemoryLimiter, RedisLimiter, WindowLimit
+from ratelimit import Demand, Limiter, MemoryLimiter, RedisLimiter, Reservation, WindowLimit
 
 pytestmark = pytest.mark.redis
 
@@ -131,6 +132,99 @@ async def test_settling_more_than_reserved_charges_the_difference(
     assert (await limiter.usage("u", [TPM])).windows[0].used == 130
 
 
+async def test_a_refund_never_takes_a_bucket_below_zero(pair: tuple[Limiter, Clock]) -> None:
+    """A settlement that would give back more than its bucket holds (a record out of
+    step with the counts) empties the bucket and no more; a charge still adds."""
+    limiter, _ = pair
+    decision = await limiter.acquire("u", [TPM], Demand(tokens=100))
+    assert decision.reservation is not None
+    inflated = dataclasses.replace(decision.reservation, demand=Demand(tokens=5_000))
+    assert await limiter.settle(inflated, tokens=0, cost_nano_usd=0)
+    assert (await limiter.usage("u", [TPM])).windows[0].used == 0
+    assert (await limiter.acquire("u", [TPM], Demand(tokens=1000))).allowed
+    # A charge is never clamped: what was used beyond the reservation is counted.
+    small = await limiter.acquire("u", [TPM], Demand(tokens=0))
+    assert small.reservation is not None
+    assert await limiter.settle(small.reservation, tokens=40, cost_nano_usd=0)
+    assert (await limiter.usage("u", [TPM])).windows[0].used == 1040
+
+
+def test_a_reservation_round_trips_through_json() -> None:
+    burst = WindowLimit("burst", "requests", 5, 10_000, buckets=7)
+    budget = WindowLimit("daily_budget_usd", "cost_usd", 2_500_000_000, 86_400_000)
+    reservation = Reservation(
+        "r1", "bob{x}", (burst, TPM, budget), (123, 456, 789), Demand(2, 300, 4_000), True
+    )
+    text = reservation.to_json()
+    assert isinstance(text, str)
+    loaded = Reservation.from_json(text)
+    assert loaded == reservation
+    assert isinstance(loaded.windows, tuple) and isinstance(loaded.buckets, tuple)
+    assert loaded.windows[0].buckets == 7 and loaded.windows[2].resource == "cost_usd"
+    bare = Reservation("r2", "u", (), (), Demand(), False)
+    assert Reservation.from_json(bare.to_json()) == bare
+    for bad in ("", "[]", '{"id": "r3"}', '{"id": 1}'):
+        with pytest.raises(ValueError):
+            Reservation.from_json(bad)
+
+
+async def test_a_reservation_loaded_elsewhere_settles_exactly_once(
+    pair: tuple[Limiter, Clock], redis_url: str
+) -> None:
+    """Another process (a new limiter on the same Redis; the same memory limiter) can
+    settle a reservation it only knows as JSON, and only once, whoever settles first."""
+    limiter, clock = pair
+    decision = await limiter.acquire("u", [RPM, TPM], Demand(tokens=600), concurrency_limit=1)
+    assert decision.reservation is not None
+    loaded = Reservation.from_json(decision.reservation.to_json())
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        other = limiter
+        if isinstance(limiter, RedisLimiter):
+            other = RedisLimiter(client, prefix=limiter._prefix, clock=clock)
+        assert await other.settle(loaded, tokens=150, cost_nano_usd=0)
+        assert not await limiter.settle(decision.reservation, tokens=0, cost_nano_usd=0)
+        assert not await other.settle(loaded, tokens=0, cost_nano_usd=0)
+        usage = await limiter.usage("u", [RPM, TPM], concurrency_limit=1)
+        assert [s.used for s in usage.windows] == [1, 150]
+        assert usage.concurrency_in_use == 0
+    finally:
+        await client.aclose()
+
+
+async def test_redis_a_refund_into_an_evicted_window_never_goes_negative(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The counts were evicted (the reservation's marker survived) and a newer request
+    recreated the bucket: the old refund can empty the bucket, never drive it negative."""
+    clock = Clock()
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    limiter = RedisLimiter(redis_client, prefix=prefix, clock=clock)
+    first = await limiter.acquire("u", [TPM], Demand(tokens=600))
+    assert first.reservation is not None
+    await redis_client.delete(f"{prefix}rl:{{u}}:w:{TPM.key}")
+    assert (await limiter.acquire("u", [TPM], Demand(tokens=200))).allowed
+    assert await limiter.settle(first.reservation, tokens=10, cost_nano_usd=0)
+    assert 0 <= (await limiter.usage("u", [TPM])).windows[0].used <= 200
+
+
+async def test_redis_a_settlement_whose_reservation_was_lost_only_releases_its_lease(
+    redis_client: aioredis.Redis,
+) -> None:
+    """No record of the reservation: whatever the counts hold may belong to others, so
+    nothing is given back (the window forgets it in time); the lease is still freed."""
+    clock = Clock()
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    limiter = RedisLimiter(redis_client, prefix=prefix, clock=clock)
+    decision = await limiter.acquire("u", [TPM], Demand(tokens=600), concurrency_limit=1)
+    assert decision.reservation is not None
+    await redis_client.delete(f"{prefix}rl:{{u}}:s:{decision.reservation.id}")
+    assert await limiter.settle(decision.reservation, tokens=100, cost_nano_usd=0)
+    usage = await limiter.usage("u", [TPM], concurrency_limit=1)
+    assert usage.windows[0].used == 600 and usage.concurrency_in_use == 0
+    assert not await limiter.settle(decision.reservation, tokens=100, cost_nano_usd=0)
+
+
 async def test_a_request_that_can_never_fit(pair: tuple[Limiter, Clock]) -> None:
     limiter, _ = pair
     refused = await limiter.acquire("u", [TPM], Demand(tokens=1001))
@@ -170,13 +264,33 @@ async def test_redis_keys_expire_and_share_one_slot(redis_client: aioredis.Redis
     decision = await limiter.acquire("carol", [RPM, TPM], Demand(tokens=5), concurrency_limit=1)
     assert decision.reservation is not None
     before = [k.decode() async for k in redis_client.scan_iter(f"{prefix}*")]
-    assert len(before) == 3  # two windows and the leases
+    assert len(before) == 4  # two windows, the leases and the reservation's marker
     await limiter.settle(decision.reservation, tokens=5, cost_nano_usd=0)
     after = [k.decode() async for k in redis_client.scan_iter(f"{prefix}*")]
-    assert len(after) == 3  # the last lease went with its set; the settled marker came
+    assert len(after) == 3  # the last lease went with its set; the marker stays, settled
     for key in {*before, *after}:
         assert "{carol}" in key
         assert await redis_client.pttl(key) > 0 or key not in after
+
+
+async def test_redis_a_reservation_is_remembered_while_a_window_may_count_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = Clock()
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    limiter = RedisLimiter(redis_client, prefix=prefix, clock=clock)
+    month = WindowLimit("tokens_per_month", "tokens", 10**9, 31 * 86_400_000)
+    for windows, at_least in (
+        ([TPM], 86_400_000),
+        ([TPM, month], month.window_ms + 2 * month.bucket_ms),
+    ):
+        decision = await limiter.acquire("u", windows, Demand(tokens=5))
+        assert decision.reservation is not None
+        marker = f"{prefix}rl:{{u}}:s:{decision.reservation.id}"
+        assert at_least - 5_000 < await redis_client.pttl(marker) <= at_least
+        await limiter.settle(decision.reservation, tokens=5, cost_nano_usd=0)
+        # Settled, it only has to turn away a second settlement for a while.
+        assert 86_400_000 - 5_000 < await redis_client.pttl(marker) <= 86_400_000
 
 
 WINDOW = WindowLimit("w", "tokens", 20, 1_000, buckets=4)
