@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         app = create_app(settings, config)
 
         async def drain(timeout_s: float) -> None:
-            await app.state.services.drain(timeout_s)
+            await app.state.services.drain.run(timeout_s)
 
         server = DrainingServer(
             uvicorn.Config(app, **common),  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .authn import AuthConfigError, build_auth
 from .config import load_config
-from .services import redis_clients
+from .redis_client import redis_clients
 from .settings import Settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,7 +47,7 @@ async def _issue(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 2
-        client, tail = redis_clients(settings.redis_url, 2)
+        client, tail, _ = redis_clients(settings.redis_url, max_connections=2)
     auth = build_auth(
         settings,
         plans=lambda: config.plans.keys(),

@@ -1,4 +1,5 @@
-"""Graceful shutdown under uvicorn, driven by sserelay rather than by uvicorn's default.
+"""Graceful shutdown: the coordinator every part of the app consults, and the uvicorn
+server that starts it on a signal.
 
 Uvicorn's own SIGTERM handling stops accepting connections at once and then waits for
 open ones, which for SSE never end by themselves. Kubernetes needs something else: keep
@@ -16,10 +17,64 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
+from streaming import StreamManager
+
 logger = logging.getLogger("sserelay")
+
+
+class Drain:
+    """The drain's state and its steps, owned by the lifespan.
+
+    - `draining`: set at once on SIGTERM: `/readyz` answers 503 and new streams are
+      refused, while running ones may finish;
+    - `stopping`: set at the deadline: every open SSE response says its last word (a
+      `shutdown` error for a direct stream, `event: reconnect` for a reader) and closes.
+    """
+
+    def __init__(self, manager: StreamManager) -> None:
+        self.manager = manager
+        self.draining = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.direct_streams = 0
+        """Responses of POST /v1/chat/stream in flight (they are not in the manager)."""
+        self.open_responses: set[Any] = set()
+        """Every SSE response still open, readers and direct streams alike."""
+
+    async def run(self, timeout_s: float, *, last_words_s: float = 5.0) -> None:
+        """Refuse new streams at once, let running ones finish for up to `timeout_s`,
+        then end the rest with a retryable `shutdown` error (written to the stream log,
+        so a client resuming elsewhere sees it) and close every reader with a
+        `reconnect` event (a reader following a stream that another replica generates
+        resumes there). Returns once every open response has said its last word and
+        settled its usage (or `last_words_s` has passed)."""
+        self.draining.set()
+        logger.info(
+            "draining: %d resumable and %d direct streams running",
+            self.manager.active,
+            self.direct_streams,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self.manager.active or self.direct_streams) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.manager.active or self.direct_streams:
+            logger.warning(
+                "drain deadline: ending %d resumable and %d direct streams",
+                self.manager.active,
+                self.direct_streams,
+            )
+        await self.manager.aclose()
+        await asyncio.sleep(0.2)  # readers relay the `shutdown` errors just written
+        self.stopping.set()
+        settle_by = loop.time() + last_words_s
+        while (self.open_responses or self.direct_streams) and loop.time() < settle_by:
+            await asyncio.sleep(0.02)
+        if self.open_responses:
+            logger.warning("drain: %d responses still open", len(self.open_responses))
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,8 +1,15 @@
-"""Every error a client can see, as RFC 9457 problem+json, mapped in one place.
+"""Every error a client can see, as RFC 9457 problem+json: where its status is decided.
 
-Packages raise their own exceptions (auth.AuthError, streaming.StreamingError); this
-module alone decides the HTTP status and the body. Unexpected exceptions become a bare
-500 with a stable code; the traceback goes to the server log only.
+Two tables decide every status, and nothing else does:
+
+- `STATUS`, by stable `code`, for the problems the app raises itself (`ProblemError`):
+  a route says *what* went wrong, never which HTTP status that is;
+- `_BY_TYPE`, by exception type, for what the packages raise (`auth.AuthError`,
+  `streaming.StreamingError`, `ratelimit.LimiterUnavailable`), most specific first.
+
+Every 503 says when to retry (`Retry-After: 1`); every 401 carries the Bearer challenge.
+Anything else is a bug: `RequestContextMiddleware` answers it with a bare 500 that has a
+stable code and the request id, and the traceback goes to the server log only.
 """
 
 from __future__ import annotations
@@ -17,12 +24,62 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
-from auth import AuthError, NotAuthenticated, RefreshConflict, RefreshStoreUnavailable
+from auth import (
+    AuthError,
+    NotAuthenticated,
+    PermissionDenied,
+    RefreshConflict,
+    RefreshStoreUnavailable,
+)
+from ratelimit import LimiterUnavailable
 from streaming import StreamingError, StreamLogError, StreamNotFound, UpstreamError
 
 logger = logging.getLogger("sserelay.errors")
 
 PROBLEM_JSON = "application/problem+json"
+
+STATUS: Mapping[str, int] = {
+    # the request itself
+    "invalid_json": 400,
+    "invalid_last_event_id": 400,
+    "invalid_host": 400,
+    "invalid_request_line": 400,
+    "not_found": 404,
+    "model_not_found": 404,
+    "record_not_found": 404,
+    "method_not_allowed": 405,
+    "no_config_file": 409,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_request": 422,
+    "unknown_plan": 422,
+    "max_tokens_too_large": 422,
+    "too_many_messages": 422,
+    "content_too_long": 422,
+    "exceeds_plan_limit": 422,
+    "config_invalid": 422,
+    "model_not_allowed": 403,
+    "rate_limited": 429,
+    # the server's state
+    "draining": 503,
+    "limiter_unavailable": 503,
+    "stream_log_unavailable": 503,
+    "internal_error": 500,
+}
+"""Status of every code the app raises; the README's error table mirrors it."""
+
+_BY_TYPE: tuple[tuple[type[Exception], int], ...] = (
+    (RefreshConflict, 409),
+    (RefreshStoreUnavailable, 503),
+    (NotAuthenticated, 401),
+    (PermissionDenied, 403),
+    (AuthError, 403),
+    (StreamNotFound, 404),
+    (StreamLogError, 503),
+    (UpstreamError, 502),
+    (StreamingError, 500),
+    (LimiterUnavailable, 503),
+)
 
 _TITLES = {
     400: "Bad Request",
@@ -35,30 +92,61 @@ _TITLES = {
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
 
+# What clients see instead of a server-side message that may name internals.
+_PUBLIC_DETAIL = {
+    "stream_not_found": "no such stream",
+    "stream_log_unavailable": "stream storage is unavailable; retry shortly",
+    "limiter_unavailable": "rate limits cannot be checked right now; retry shortly",
+    "auth_store_unavailable": "sessions cannot be checked right now; retry shortly",
+}
+
 
 class ProblemError(Exception):
-    """An error the app raises on purpose, already decided as to status and code."""
+    """A problem the app raises on purpose: a stable `code` (its status is `STATUS[code]`),
+    a message for humans, and optional headers and extra members."""
 
     def __init__(
         self,
-        status: int,
         code: str,
         detail: str,
         *,
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
+        if code not in STATUS:
+            raise ValueError(f"no status for problem code {code!r}: add it to STATUS")
         super().__init__(detail)
-        self.status = status
         self.code = code
         self.detail = detail
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
+
+
+def status_of(exc: Exception) -> int:
+    if isinstance(exc, ProblemError):
+        return STATUS[exc.code]
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    for kind, status in _BY_TYPE:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def code_of(exc: Exception) -> str:
+    if isinstance(exc, ProblemError | AuthError | StreamingError):
+        return exc.code
+    if isinstance(exc, LimiterUnavailable):
+        return "limiter_unavailable"
+    if isinstance(exc, HTTPException):
+        return {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return "internal_error"
 
 
 def problem(
@@ -77,82 +165,63 @@ def problem(
         "code": code,
     }
     body.update(extra or {})
+    all_headers = dict(headers or {})
+    if status == 503:
+        all_headers.setdefault("Retry-After", "1")
     return Response(
-        json.dumps(body, ensure_ascii=False),
+        json.dumps(body, ensure_ascii=True),
         status_code=status,
-        headers=headers,
+        headers=all_headers,
         media_type=PROBLEM_JSON,
     )
 
 
-def _bearer_challenge(code: str, detail: str) -> dict[str, str]:
-    error = "invalid_request" if code == "missing_credentials" else "invalid_token"
-    description = detail.replace('"', "'")
-    return {"WWW-Authenticate": f'Bearer error="{error}", error_description="{description}"'}
+def response_for(exc: Exception) -> Response:
+    """The one place an exception becomes a response."""
+    status, code = status_of(exc), code_of(exc)
+    headers: dict[str, str] = {}
+    extra: Mapping[str, Any] | None = None
+    if isinstance(exc, ProblemError):
+        detail = exc.detail
+        headers, extra = exc.headers, exc.extra
+    elif isinstance(exc, HTTPException):
+        detail = str(exc.detail)
+        headers = dict(exc.headers or {})
+    elif isinstance(exc, AuthError | StreamingError):
+        detail = _PUBLIC_DETAIL.get(code, exc.message)
+    else:
+        detail = _PUBLIC_DETAIL.get(code, "an internal error occurred")
+    if status == 401:
+        headers = {**headers, **_bearer_challenge(code, detail)}
+    elif isinstance(exc, RefreshConflict):
+        headers = {**headers, "Retry-After": "0"}
+    if status >= 500 and not isinstance(exc, ProblemError):
+        logger.error("%s: %s", code, exc)
+    return problem(status, code, detail, headers=headers, extra=extra)
 
 
-async def _on_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProblemError)
-    return problem(exc.status, exc.code, exc.detail, headers=exc.headers, extra=exc.extra)
-
-
-async def _on_auth(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AuthError)
-    services = getattr(request.app.state, "services", None)
-    if services is not None:
-        services.metrics.auth_failures.labels(exc.code).inc()
-    if isinstance(exc, RefreshConflict):
-        return problem(409, exc.code, exc.message, headers={"Retry-After": "0"})
-    if isinstance(exc, RefreshStoreUnavailable):
-        return problem(
-            503,
-            exc.code,
-            "sessions cannot be checked right now; retry shortly",
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(exc, NotAuthenticated):
-        return problem(401, exc.code, exc.message, headers=_bearer_challenge(exc.code, exc.message))
-    return problem(403, exc.code, exc.message)
-
-
-async def _on_streaming(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StreamingError)
-    if isinstance(exc, StreamNotFound):
-        return problem(404, exc.code, "no such stream")
-    if isinstance(exc, StreamLogError):
-        logger.error("stream log unavailable: %s", exc.message)
-        return problem(
-            503,
-            exc.code,
-            "stream storage is unavailable; retry shortly",
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(exc, UpstreamError):
-        return problem(502, exc.code, exc.message)
-    return problem(500, exc.code, exc.message)
-
-
-async def _on_http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return problem(
-        exc.status_code,
-        codes.get(exc.status_code, "http_error"),
-        str(exc.detail),
-        headers=exc.headers,
-    )
-
-
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+def internal_error() -> Response:
     return problem(500, "internal_error", "an internal error occurred")
 
 
+def _bearer_challenge(code: str, detail: str) -> dict[str, str]:
+    error = "invalid_request" if code == "missing_credentials" else "invalid_token"
+    description = detail.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "")
+    return {"WWW-Authenticate": f'Bearer error="{error}", error_description="{description}"'}
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, AuthError):
+        services = getattr(request.app.state, "services", None)
+        if services is not None:
+            services.metrics.auth_failures.labels(exc.code).inc()
+    return response_for(exc)
+
+
 def exception_handlers() -> dict[Any, ExceptionHandler]:
+    """Everything expected maps through `response_for`; anything else propagates to
+    `RequestContextMiddleware`, which answers it as an internal error."""
     return {
-        ProblemError: _on_problem,
-        AuthError: _on_auth,
-        StreamingError: _on_streaming,
-        HTTPException: _on_http,
-        Exception: _on_unexpected,
+        kind: _handle
+        for kind in (ProblemError, AuthError, StreamingError, LimiterUnavailable, HTTPException)
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -20,10 +20,10 @@ from . import reload
 from .config import Config, load_config
 from .errors import exception_handlers
 from .logs import configure
-from .middleware import RequestContextMiddleware
+from .middleware import RequestContextMiddleware, SecurityHeadersMiddleware
 from .routes import admin, auth, meta, streams
-from .services import build_services
 from .settings import Settings
+from .wiring import build_services
 
 
 def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
@@ -35,34 +35,46 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        services = await build_services(settings, config)
-        app.state.services = services
-        await services.manager.start()
-        background = [asyncio.create_task(services.keep_leases(), name="lease-keeper")]
-        if settings.config is not None:
-            background.append(
-                asyncio.create_task(
-                    reload.watch(services, settings.config, settings.config_poll_s),
-                    name="config-watch",
+        async with AsyncExitStack() as stack:
+            services = await build_services(settings, config, stack)
+            app.state.services = services
+            await services.manager.start()
+            background = [
+                asyncio.create_task(services.accounting.keep_leases(), name="lease-keeper")
+            ]
+            if settings.config is not None:
+                background.append(
+                    asyncio.create_task(
+                        reload.watch(services.plans, settings.config, settings.config_poll_s),
+                        name="config-watch",
+                    )
                 )
-            )
-        # What is built by now (imports, config, clients) lives as long as the process.
-        # Freezing it keeps full collections from rescanning it every time: unfrozen,
-        # each paused the event loop (and every stream on it) for about 80 ms.
-        gc.freeze()
-        try:
+
+            async def stop_background() -> None:
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+
+            stack.push_async_callback(stop_background)
+            # What is built by now (imports, config, clients) lives as long as the
+            # process. Freezing it keeps full collections from rescanning it every time:
+            # unfrozen, each paused the event loop (and every stream on it) for ~80 ms.
+            gc.freeze()
             yield
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await services.aclose()
 
     routes: list[BaseRoute] = [*streams.routes, *meta.routes, *admin.routes, *auth.routes(settings)]
     templates = {
         getattr(r, "endpoint", getattr(r, "app", None)): getattr(r, "path", "") for r in routes
     }
-    middleware = [Middleware(RequestContextMiddleware, routes=templates)]
+    middleware = [
+        Middleware(RequestContextMiddleware, routes=templates),
+        Middleware(
+            SecurityHeadersMiddleware,
+            allowed_hosts=settings.allowed_host_list,
+            hsts=settings.hsts,
+            hsts_max_age_s=settings.hsts_max_age_s,
+        ),
+    ]
     if settings.cors_origin_list:
         middleware.append(
             Middleware(
@@ -75,12 +87,16 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
                 max_age=600,
             )
         )
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
+    # `/v1/models/` must not answer with a redirect built from the Host header (a forged
+    # Host would pick the Location): a path either exists or is a 404.
+    app.router.redirect_slashes = False
+    return app
 
 
 def app_from_env() -> Starlette:

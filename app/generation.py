@@ -3,23 +3,17 @@ plan's rules, the provider's request, the prices. Shared by both streaming route
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-from starlette.requests import Request
-
 from auth import Principal
-from ratelimit import Demand
+from ratelimit import Decision, Demand
 from streaming import Generation, GenerationRequest, Message, Pricing, Provider, StreamInfo
-from streaming.providers import estimate_tokens
 
-from .config import ModelConfig, describe
+from .config import ModelConfig
 from .errors import ProblemError
 from .limits import admit
-from .middleware import request_id_of
 from .schemas import CompletionRequest
 from .services import Services
 
@@ -32,47 +26,21 @@ class Prepared:
     request: GenerationRequest
 
 
-async def read_completion(request: Request, max_bytes: int) -> CompletionRequest:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ProblemError(415, "unsupported_media_type", "send the body as application/json")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ProblemError(413, "body_too_large", f"the body is larger than {max_bytes} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ProblemError(413, "body_too_large", f"the body is larger than {max_bytes} bytes")
-    try:
-        raw = json.loads(body)
-    except ValueError as exc:
-        raise ProblemError(400, "invalid_json", "the body is not valid JSON") from exc
-    try:
-        return CompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
-        ]
-        raise ProblemError(422, "invalid_request", describe(exc), extra={"errors": errors}) from exc
-
-
 def prepare(
     body: CompletionRequest, caller: Principal, services: Services, request_id: str
 ) -> Prepared:
     config, settings = services.config, services.settings
     spec = config.models.get(body.model)
     if spec is None:
-        raise ProblemError(404, "model_not_found", f"no model named {body.model!r}")
+        raise ProblemError("model_not_found", f"no model named {body.model!r}")
     plan = config.plans[caller.plan]
     if not plan.allows_model(body.model):
         raise ProblemError(
-            403, "model_not_allowed", f"plan {caller.plan!r} may not use model {body.model!r}"
+            "model_not_allowed", f"plan {caller.plan!r} may not use model {body.model!r}"
         )
     ceiling = min(spec.max_output_tokens, plan.max_tokens or spec.max_output_tokens)
     if body.max_tokens is not None and body.max_tokens > ceiling:
         raise ProblemError(
-            422,
             "max_tokens_too_large",
             f"max_tokens may be at most {ceiling} for this model and plan",
             extra={"max_tokens_limit": ceiling},
@@ -80,12 +48,11 @@ def prepare(
     messages = body.chat()
     if len(messages) > settings.max_messages:
         raise ProblemError(
-            422, "too_many_messages", f"at most {settings.max_messages} messages are accepted"
+            "too_many_messages", f"at most {settings.max_messages} messages are accepted"
         )
     chars = sum(len(m.content) for m in messages) + len(body.system or "")
     if chars > settings.max_content_chars:
         raise ProblemError(
-            422,
             "content_too_long",
             f"messages may hold at most {settings.max_content_chars} characters",
         )
@@ -106,17 +73,35 @@ def prepare(
     )
 
 
-async def start(request: Request, caller: Principal, prefix: str) -> tuple[StreamInfo, Generation]:
-    """Validate the body and build the generation; raises problems before any stream
-    exists, so every refusal is a plain HTTP error."""
-    services: Services = request.app.state.services
-    if services.draining.is_set():
-        raise ProblemError(
-            503, "draining", "this server is shutting down; retry", headers={"Retry-After": "1"}
-        )
-    body = await read_completion(request, services.settings.max_body_bytes)
-    prepared = prepare(body, caller, services, request_id_of(request.scope))
-    decision = await admit(request, caller, services.config.plans[caller.plan], demand(prepared))
+@dataclass(frozen=True, slots=True)
+class Started:
+    info: StreamInfo
+    generation: Generation
+    decision: Decision | None
+    """The admission (None: admitted without the limiter, which is down, fail-open)."""
+
+
+async def start(
+    services: Services, caller: Principal, body: CompletionRequest, request_id: str, prefix: str
+) -> Started:
+    """Check the request against the model and plan, admit it, and build the
+    generation; raises problems before any stream exists, so every refusal is a plain
+    HTTP error."""
+    if services.drain.draining.is_set():
+        raise ProblemError("draining", "this server is shutting down; retry")
+    prepared = prepare(body, caller, services, request_id)
+    decision = await admit(services, caller, services.config.plans[caller.plan], demand(prepared))
+    pricing = Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok)
+    generation = Generation(
+        prepared.provider,
+        prepared.request,
+        start_data={},
+        pricing=pricing,
+        options=services.options,
+        observer=services.metrics.for_stream(prepared.provider.name, prepared.model),
+        keep_text=services.settings.records_content != "omit",
+    )
+    reservation = decision.reservation if decision is not None else None
     info = StreamInfo(
         id=prefix + uuid.uuid4().hex,
         owner=caller.subject,
@@ -125,31 +110,30 @@ async def start(request: Request, caller: Principal, prefix: str) -> tuple[Strea
         plan=caller.plan,
         max_tokens=prepared.request.max_tokens,
         created_at=time.time(),
+        input_tokens=generation.meter.input_tokens,
+        input_usd_per_mtok=pricing.input_usd_per_mtok,
+        output_usd_per_mtok=pricing.output_usd_per_mtok,
+        billing=reservation.to_json() if reservation is not None else "",
     )
-    generation = Generation(
-        prepared.provider,
-        prepared.request,
-        start_data={
-            "stream_id": info.id,
-            "model": info.model,
-            "provider": info.provider,
-            "plan": info.plan,
-            "max_tokens": info.max_tokens,
-            "created_at": info.created_at,
-        },
-        pricing=Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok),
-        options=services.options,
-        observer=services.metrics.for_stream(info.provider, info.model),
-        keep_text=services.settings.records_content != "omit",
+    generation.start_data.update(
+        stream_id=info.id,
+        model=info.model,
+        provider=info.provider,
+        plan=info.plan,
+        max_tokens=info.max_tokens,
+        created_at=info.created_at,
     )
-    if decision is not None and decision.reservation is not None:
-        services.reservations[info.id] = decision.reservation
-    return info, generation
+    if reservation is not None:
+        services.accounting.hold(info.id, reservation)
+    return Started(info, generation, decision)
 
 
 def demand(prepared: Prepared) -> Demand:
-    """The worst case: the whole prompt (estimated) and every token max_tokens allows."""
-    inputs = estimate_tokens(prepared.request.prompt_chars())
+    """The worst case: the most tokens any tokenizer can count for the prompt, and every
+    token max_tokens allows. An upper bound, not an estimate: a strict limit must not
+    admit a prompt crafted to tokenize badly (a request is then settled to what the
+    provider reports)."""
+    inputs = prepared.request.input_token_bound()
     outputs = prepared.request.max_tokens
     spec = prepared.spec
     # USD per million tokens is nano-USD per token times 1000.

@@ -12,7 +12,7 @@ import logging
 import math
 from typing import Any
 
-from starlette.requests import Request
+from starlette.types import Scope
 
 from auth import Principal
 from ratelimit import NANO_USD, Decision, Demand, LimiterUnavailable, Plan, WindowState
@@ -59,31 +59,40 @@ def headers(decision: Decision) -> dict[str, str]:
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(current)}
 
 
-def stash(request: Request, decision: Decision) -> None:
+def stash(scope: Scope, decision: Decision | None) -> None:
     """The middleware adds these to whatever response this request gets."""
-    request.scope.setdefault("state", {})[STATE_KEY] = headers(decision)
+    if decision is not None:
+        scope.setdefault("state", {})[STATE_KEY] = headers(decision)
 
 
-async def report(request: Request, caller: Principal) -> Decision | None:
-    """The caller's current state, stashed as headers; None if the limiter is down."""
-    services: Services = request.app.state.services
-    plan = services.config.plans[caller.plan]
+async def report(services: Services, caller: Principal) -> Decision | None:
+    """The caller's current state; None if the limiter is down (the headers are then
+    left out, and the request goes on: reporting must not fail a request)."""
     try:
-        decision = await services.limiter.usage(
-            caller.subject, plan.windows(), concurrency_limit=plan.concurrent_streams
-        )
+        return await current(services, caller)
     except LimiterUnavailable as exc:
-        services.metrics.limiter_errors.inc()
         logger.warning("cannot read usage: %s", exc)
         return None
-    stash(request, decision)
-    return decision
 
 
-async def admit(request: Request, caller: Principal, plan: Plan, demand: Demand) -> Decision | None:
+async def current(services: Services, caller: Principal) -> Decision:
+    """The caller's current state, consuming nothing; raises `LimiterUnavailable`."""
+    plan = services.config.plans[caller.plan]
+    try:
+        return await services.limiter.usage(
+            caller.subject, plan.windows(), concurrency_limit=plan.concurrent_streams
+        )
+    except LimiterUnavailable:
+        services.metrics.limiter_errors.inc()
+        raise
+
+
+async def admit(
+    services: Services, caller: Principal, plan: Plan, demand: Demand
+) -> Decision | None:
     """Admit a request or raise 429; None means admitted without a reservation because
-    the limiter is down and the configured fail mode is open."""
-    services: Services = request.app.state.services
+    the limiter is down and the configured fail mode is open (closed: the
+    `LimiterUnavailable` propagates, and `errors` answers 503)."""
     try:
         decision = await services.limiter.acquire(
             caller.subject, plan.windows(), demand, concurrency_limit=plan.concurrent_streams
@@ -94,32 +103,30 @@ async def admit(request: Request, caller: Principal, plan: Plan, demand: Demand)
             logger.error("rate limiter unavailable, admitting anyway (fail-open): %s", exc)
             return None
         logger.error("rate limiter unavailable, refusing (fail-closed): %s", exc)
-        raise ProblemError(
-            503,
-            "limiter_unavailable",
-            "rate limits cannot be checked right now; retry shortly",
-            headers={"Retry-After": "1"},
-        ) from exc
-    stash(request, decision)
+        raise
     services.metrics.limiter_decision(caller.plan, decision)
     if decision.allowed:
         return decision
+    raise refusal(decision)
+
+
+def refusal(decision: Decision) -> ProblemError:
+    """The refusal, carrying the caller's RateLimit fields like any other answer."""
     retry_ms = decision.retry_after_ms
     violated = decision.violated
     if retry_ms is None:
-        raise ProblemError(
-            422,
+        return ProblemError(
             "exceeds_plan_limit",
             f"this request alone exceeds the plan's {', '.join(violated)}: "
             "lower max_tokens or shorten the prompt",
+            headers=headers(decision),
             extra={"violated": violated},
         )
     retry_s = max(1, math.ceil(retry_ms / 1000))
-    raise ProblemError(
-        429,
+    return ProblemError(
         "rate_limited",
         f"limit reached: {', '.join(violated)}; retry in {retry_s} s",
-        headers={"Retry-After": str(retry_s)},
+        headers={**headers(decision), "Retry-After": str(retry_s)},
         extra={"violated": violated, "retry_after_s": retry_s},
     )
 

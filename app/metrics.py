@@ -197,8 +197,13 @@ class Metrics:
         self.streams_started.labels(route, plan, model).inc()
         self.streams_active.labels(route).inc()
 
-    def stream_finished(self, route: str, plan: str, model: str, outcome: Outcome) -> None:
-        self.streams_active.labels(route).dec()
+    def stream_finished(
+        self, route: str, plan: str, model: str, outcome: Outcome, *, live: bool = True
+    ) -> None:
+        """`live`: the stream ran in this process (a lost one, ended here for a process
+        that died, was never counted active here)."""
+        if live:
+            self.streams_active.labels(route).dec()
         self.streams_finished.labels(route, plan, model, outcome.status).inc()
         if outcome.ttft_ms is not None:
             self.ttft.labels(model).observe(outcome.ttft_ms / 1000)

@@ -7,12 +7,15 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import internal_error, problem
+
 access_log = logging.getLogger("sserelay.access")
+logger = logging.getLogger("sserelay.errors")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -60,8 +63,31 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        started_response = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started_response
+            if message["type"] == "http.response.start":
+                started_response = True
+            await send_with_id(message)
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            # A bug, never an expected refusal (those are mapped in `errors`). The client
+            # gets a problem with the request id, the log gets the traceback, and the
+            # exception stops here: uvicorn would otherwise close a keep-alive
+            # connection under the client's next request.
+            logger.error(
+                "unhandled error on %s %s (request %s)",
+                scope["method"],
+                scope["path"],
+                request_id,
+                exc_info=exc,
+            )
+            if started_response:
+                raise  # mid-response: only closing the connection can say it
+            await internal_error()(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = self.routes.get(scope.get("endpoint"), "unmatched")
@@ -83,3 +109,84 @@ class RequestContextMiddleware:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+
+
+def _host_of(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host: str = value.decode("latin-1").lower()
+            if host.startswith("["):  # [::1]:8000
+                return host.split("]")[0] + "]"
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return ""
+
+
+class SecurityHeadersMiddleware:
+    """The response headers a browser-facing service owes its users (helmet's set), and
+    the Host allow-list.
+
+    - `X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer`,
+      `X-Frame-Options: DENY` (with CSP `frame-ancestors 'none'` for documents),
+      `Cross-Origin-Opener-Policy: same-origin`, `Cross-Origin-Resource-Policy:
+      same-origin` (CORS requests are not subject to it, so an allow-listed origin still
+      reads the API);
+    - `Strict-Transport-Security` over TLS, or always when told (behind a TLS proxy);
+    - `Cache-Control: no-store` unless the route chose its own (the demo page's files):
+      API answers carry user data, which no shared cache may keep.
+
+    With `allowed_hosts`, a request naming another host is refused (400 `invalid_host`)
+    before any route sees it: nothing this server builds may come from a forged Host.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        hsts: bool = False,
+        hsts_max_age_s: int = 31_536_000,
+    ) -> None:
+        self.app = app
+        self.allowed = [h for h in allowed_hosts if not h.startswith("*.")]
+        self.suffixes = [h[1:] for h in allowed_hosts if h.startswith("*.")]
+        self.hsts = hsts
+        self.hsts_value = f"max-age={hsts_max_age_s}; includeSubDomains".encode()
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        if not self.allowed and not self.suffixes:
+            return True
+        host = _host_of(scope)
+        return host in self.allowed or any(host.endswith(s) for s in self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tls = self.hsts or scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                extra = [(k, v) for k, v in _SECURITY_HEADERS if k not in present]
+                if b"cache-control" not in present:
+                    extra.append((b"cache-control", b"no-store"))
+                if tls:
+                    extra.append((b"strict-transport-security", self.hsts_value))
+                message["headers"] = [*headers, *extra]
+            await send(message)
+
+        if not self._host_allowed(scope):
+            response = problem(400, "invalid_host", "this server does not answer to that host")
+            await response(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
+_SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .services import Services
+from .plans import PlansHolder
 
 logger = logging.getLogger("sserelay.config")
 
@@ -26,7 +26,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-async def watch(services: Services, path: Path, poll_s: float) -> None:
+async def watch(plans: PlansHolder, path: Path, poll_s: float) -> None:
     """Runs until cancelled. Installs a SIGHUP handler where the loop allows it (the main
     thread); the file check works everywhere."""
     loop = asyncio.get_running_loop()
@@ -47,16 +47,16 @@ async def watch(services: Services, path: Path, poll_s: float) -> None:
                 continue
             hangup.clear()
             seen = stamp
-            reload(services, path)
+            reload(plans, path)
     finally:
         if handles_signal:
             loop.remove_signal_handler(signal.SIGHUP)
 
 
-def reload(services: Services, path: Path) -> bool:
+def reload(plans: PlansHolder, path: Path) -> bool:
     try:
         config = load_config(path)
-        services.apply_plans(config)
+        plans.apply(config)
     except (ConfigError, ValueError) as exc:
         logger.error("config not reloaded, keeping the running plans: %s", exc)
         return False

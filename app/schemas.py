@@ -1,11 +1,16 @@
-"""The request body, validated strictly: unknown fields are errors, not ignored."""
+"""Request bodies, validated strictly: unknown fields are errors, not ignored, and no
+type is coerced into another (`true` is not a rating, `"5"` is not a number).
+
+`app.body.read_body` reads every body into one of these."""
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 # C0 controls except tab and newline, DEL, and C1 controls: they carry no meaning in a
 # prompt and have been used to smuggle instructions past filters and into logs.
@@ -24,7 +29,7 @@ def clean_nonempty(text: str) -> str:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["user", "assistant"]
     content: str = Field(min_length=1)
@@ -36,7 +41,7 @@ class ChatMessage(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] | None = None
@@ -72,3 +77,47 @@ class CompletionRequest(BaseModel):
             return self.messages
         assert self.prompt is not None
         return [ChatMessage(role="user", content=self.prompt)]
+
+
+class Feedback(BaseModel):
+    """A user's judgement of an answer."""
+
+    model_config = STRICT
+
+    rating: Literal["up", "down"] | Annotated[int, Field(ge=1, le=5)]
+    correct: bool | None = None
+    comment: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("comment")
+    @classmethod
+    def _clean_comment(cls, value: str | None) -> str | None:
+        return clean(value) or None if value is not None else None
+
+
+Subject = Annotated[str, Field(pattern=r"^[A-Za-z0-9._@:|-]{1,128}$")]
+Scope = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:/-]{1,64}$")]
+
+
+class TokenGrant(BaseModel):
+    """What a trusted backend asks `/v1/auth/token` for."""
+
+    model_config = STRICT
+
+    sub: Subject
+    plan: str | None = Field(default=None, max_length=200)
+    scopes: list[Scope] = Field(default_factory=list, max_length=32)
+    cookie: bool = False
+
+
+class DevTokenGrant(BaseModel):
+    model_config = STRICT
+
+    sub: Subject = "demo-user"
+    plan: str | None = Field(default=None, max_length=200)
+    cookie: bool = False
+
+
+class RefreshBody(BaseModel):
+    model_config = STRICT
+
+    refresh_token: str | None = Field(default=None, max_length=512)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from auth import NotAuthenticated, PermissionDenied, Principal
 
-from .limits import report
+from .limits import report, stash
 from .services import Services
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -72,7 +72,7 @@ async def principal(request: Request) -> Principal:
 async def authorize(request: Request) -> Principal:
     """The caller, with their current rate-limit state attached to the response."""
     caller = await principal(request)
-    await report(request, caller)
+    stash(request.scope, await report(request.app.state.services, caller))
     return caller
 
 
@@ -90,5 +90,5 @@ async def stream_reader(request: Request, stream_id: str) -> Principal:
                 "the stream ticket was issued to someone else", code="invalid_ticket"
             )
     if caller.plan in services.config.plans:
-        await report(request, caller)
+        stash(request.scope, await report(services, caller))
     return caller

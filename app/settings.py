@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+RecordsContent = Literal["omit", "hash", "store"]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SSERELAY_", extra="ignore", env_ignore_empty=True)
@@ -25,6 +27,12 @@ class Settings(BaseSettings):
     """Redis for all shared state; None = in-memory stores (one process)."""
     redis_prefix: str = "sserelay:"
     redis_max_connections: int = Field(default=200, ge=2)
+    redis_timeout_s: float = Field(default=1.0, gt=0)
+    """How long one Redis command (or connecting, or waiting for a free connection) may
+    take: a hung Redis costs a request this long, not a client's patience."""
+    redis_breaker_open_s: float = Field(default=1.0, gt=0)
+    """After a Redis timeout or connection failure, commands fail at once for this long
+    (then one is let through to probe)."""
 
     jwt_secret: SecretStr | None = None
     """HS256 key for access tokens; None = a random development key and the demo's
@@ -60,6 +68,13 @@ class Settings(BaseSettings):
     cookie_secure: bool = True
     admin_scope: str = "sserelay:admin"
     cors_origins: str | None = None
+    allowed_hosts: str | None = None
+    """Comma-separated Host names this server answers to (`*.example.com` matches
+    subdomains); unset = any. A request for another host gets 400 `invalid_host`."""
+    hsts: bool = False
+    """Send Strict-Transport-Security on every response (it is always sent over TLS):
+    for a server behind a TLS-terminating proxy."""
+    hsts_max_age_s: int = Field(default=31_536_000, ge=0)
 
     drain_timeout_s: float = Field(default=25, ge=0)
     """On SIGTERM, how long running streams may finish before they are ended."""
@@ -69,7 +84,7 @@ class Settings(BaseSettings):
     config_poll_s: float = Field(default=2, gt=0)
     """How often the config file is checked for changes (plans reload without restart)."""
 
-    records_content: Literal["omit", "hash", "store"] = "omit"
+    records_content: RecordsContent = "omit"
     """Prompt and output text in request records: left out, SHA-256 only, or kept."""
     records_max: int = Field(default=100_000, ge=100)
     records_ttl_s: float = Field(default=30 * 86400, gt=0)
@@ -141,6 +156,12 @@ class Settings(BaseSettings):
     def signs(self) -> bool:
         """This server may issue tokens (it holds a signing key, or is in development)."""
         return self.development or bool(self.jwt_secret or self.jwt_private_key_file)
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        if not self.allowed_hosts:
+            return []
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -1,8 +1,7 @@
 """The SSE response: pre-encoded frames out, pings while idle, disconnects noticed.
 
-A small pure-ASGI response rather than sse-starlette's: importing that library patches
-uvicorn's signal handler and keeps shutdown state in class attributes, where this
-project drives shutdown from an event owned by the lifespan. What it must do is small:
+A small pure-ASGI response rather than sse-starlette's (the README says why, measured).
+What it must do is small:
 
 - send each frame as soon as it is produced (no buffering: `X-Accel-Buffering: no`);
 - send `: ping` when nothing was sent for `ping_s`, so proxies keep a long TTFT open;
@@ -19,7 +18,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from streaming import PING_FRAME, retry_frame
+from streaming import PING_FRAME, cancel_and_wait, retry_frame
 
 logger = logging.getLogger("sserelay.sse")
 
@@ -35,9 +34,12 @@ class SSEResponse:
         on_close: Callable[[], Awaitable[None]] | None = None,
         stop: asyncio.Event | None = None,
         stop_frame: Callable[[], bytes] | None = None,
+        open_responses: set[SSEResponse] | None = None,
     ) -> None:
         """`stop` (the server's drain deadline) ends the response early: the producer is
-        cancelled and `stop_frame()`, the stream's last word, is sent before closing."""
+        cancelled and `stop_frame()`, the stream's last word, is sent before closing.
+        `open_responses` holds this response while it runs, so a drain can wait until
+        every reader has had its last word."""
         if ping_s <= 0:
             raise ValueError("ping_s must be positive")  # a zero interval would spin
         self.frames = frames
@@ -47,6 +49,7 @@ class SSEResponse:
         self.on_close = on_close
         self.stop = stop
         self.stop_frame = stop_frame
+        self.open_responses = open_responses
         self.client_gone = False
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
@@ -61,11 +64,17 @@ class SSEResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """`on_close` runs once the response is over, however it ended, even if the
         frames were never started (a client gone before the first byte)."""
+        if self.open_responses is not None:
+            self.open_responses.add(self)
         try:
             await self._respond(scope, receive, send)
         finally:
-            if self.on_close is not None:
-                await self.on_close()
+            try:
+                if self.on_close is not None:
+                    await self.on_close()
+            finally:
+                if self.open_responses is not None:
+                    self.open_responses.discard(self)
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
@@ -134,9 +143,9 @@ class SSEResponse:
                 ping_timer.cancel()
             if pinging is not None:
                 tasks.append(pinging)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Cancelled until really done: a producer that swallowed one cancellation
+            # would keep this response (and a draining server) open.
+            await cancel_and_wait(tasks)
         if stopped and not self.client_gone and self.stop_frame is not None:
             try:
                 await send(

@@ -7,6 +7,8 @@ a small leeway; a maximum lifetime; a size cap checked before any parsing.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -116,13 +118,16 @@ class TokenVerifier:
         c = self._claims
         now = time.time()
         iat, exp = claims["iat"], claims["exp"]
-        if not isinstance(iat, int | float) or iat > now + c.leeway_s:
+        # PyJWT accepts a numeric string for exp ("9999999999"); times must be numbers.
+        if not (_is_time(iat) and _is_time(exp) and _is_time(claims.get("nbf", 0))):
+            raise NotAuthenticated("the token's times (iat, exp, nbf) must be numbers")
+        if iat > now + c.leeway_s:
             raise NotAuthenticated("the token was issued in the future")
         if exp - iat > c.max_lifetime_s:
             raise NotAuthenticated("the token lives longer than this server accepts")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
-            raise NotAuthenticated("the token has no subject")
+        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+            raise NotAuthenticated("the token's subject is missing or not printable text")
         if claims.get("typ") not in (None, "access"):
             raise NotAuthenticated("the token is not an access token")
         plan = claims.get(c.plan_claim, self._default_plan())
@@ -133,6 +138,15 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
         return Principal(subject, plan, scopes)
+
+
+# A subject becomes a Redis key, a log field and a JSON value: 1 to 256 characters, none
+# of them a control character or an unpaired surrogate (which nothing can encode).
+_SUBJECT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,256}")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

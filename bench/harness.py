@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from auth import SigningKey, TokenIssuer
-from tests.support import RedisServer, free_port, wait_http
+from testkit.servers import RedisServer, free_port, wait_http
 
 from . import client
 from .client import Sample
@@ -83,7 +83,7 @@ class Harness:
         self.up_port = free_port()
         self._spawn(
             "upstream",
-            [sys.executable, "-m", "bench.fake_upstream", "--port", str(self.up_port)],
+            [sys.executable, "-m", "testkit.fake_upstream", "--port", str(self.up_port)],
             {},
         )
         wait_http(f"http://127.0.0.1:{self.up_port}", "/_control/health")

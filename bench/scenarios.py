@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.fake_upstream import expected_text
+from testkit.fake_upstream import expected_text
 
 from . import client
 from .client import Sample
@@ -304,11 +304,11 @@ async def limiter(h: Harness, sizes: Sizes) -> Measured:
     its settlement; 1,000 callers. Measured three ways: alone (pure latency), flat out
     with 32 concurrent callers (capacity: decisions alone, and decision + settlement),
     and at a fixed 10,000 decisions/s (latency at the target rate, leases left to expire)."""
-    from app.services import redis_clients
+    from app.redis_client import redis_clients
     from ratelimit import Demand, Plan, RedisLimiter
 
     assert h.redis is not None
-    redis_client, tail = redis_clients(h.redis.url, 200)
+    redis_client, tail, _ = redis_clients(h.redis.url, max_connections=200)
     await tail.aclose()
     limiter = RedisLimiter(redis_client, prefix="bench:")
     plan = Plan(**BENCH_PLAN)

@@ -5,9 +5,10 @@ collaborators (a log, providers, prices) and gets numbered events back.
 """
 
 from ._exceptions import StreamingError, StreamLogError, StreamNotFound, UpstreamError
+from ._tasks import cancel_and_wait
 from .chunks import Chunk, Stop, TextDelta, Usage
 from .events import PING_FRAME, Event, EventEncoder, encode_data, retry_frame
-from .log import LogWriter, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog
+from .log import LogWriter, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog, StreamStatus
 from .manager import StreamManager
 from .pipeline import Generation, Meter, Outcome, PipelineOptions, Pricing, coalesce, meter
 from .providers import (
@@ -49,10 +50,12 @@ __all__ = [
     "StreamNotFound",
     "StreamingError",
     "TextDelta",
+    "StreamStatus",
     "UpstreamError",
     "UpstreamObserver",
     "UpstreamPolicy",
     "Usage",
+    "cancel_and_wait",
     "coalesce",
     "encode_data",
     "follow",

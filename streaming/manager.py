@@ -12,20 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from ._exceptions import StreamingError, StreamLogError
+from ._tasks import cancel_and_wait
+from .events import Event, EventEncoder
 from .log import LogWriter, StreamInfo, StreamLog
-from .pipeline import Generation
+from .pipeline import Generation, Outcome, Pricing
+from .providers.base import estimate_tokens
 
 logger = logging.getLogger("sserelay.streams")
 
 OnFinish = Callable[[StreamInfo, Generation], Awaitable[None]]
+OnLost = Callable[[StreamInfo, Outcome], Awaitable[None]]
+"""Called once for a stream whose process died, by the process that wrote its end."""
 
-_REASONS = {
+StopReason = Literal["cancelled", "orphaned", "shutdown", "finishing"]
+
+_REASONS: dict[StopReason, tuple[str, bool]] = {
     "cancelled": ("the stream was cancelled", False),
     "orphaned": ("nobody was reading the stream", False),
     "shutdown": ("the server is shutting down; retry", True),
-    "log_failed": ("the stream could not be stored", True),
 }
 
 
@@ -38,14 +45,22 @@ class StreamManager:
         lease_s: float = 10.0,
         tick_s: float = 1.0,
         on_finish: OnFinish | None = None,
+        on_lost: OnLost | None = None,
+        sweep_s: float | None = None,
     ) -> None:
+        """`sweep_s`: how often to look for streams whose process died (default: half
+        the lease), so their end is written and their usage settled even when nobody
+        reads them."""
         self.log = log
         self.orphan_grace_s = orphan_grace_s
         self.lease_s = lease_s
         self.tick_s = tick_s
+        self.sweep_s = sweep_s if sweep_s is not None else lease_s / 2
         self._on_finish = on_finish
+        self._on_lost = on_lost
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._reasons: dict[str, str] = {}
+        self._reasons: dict[str, StopReason] = {}
+        self._finishing: set[asyncio.Future[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -61,8 +76,9 @@ class StreamManager:
             self._supervisor.cancel()
         for stream_id in list(self._running):
             self._stop(stream_id, "shutdown")
-        if self._running:
-            await asyncio.wait(list(self._running.values()))
+        await cancel_and_wait(list(self._running.values()))
+        if self._finishing:  # their usage settles before the stores close
+            await asyncio.wait(list(self._finishing))
 
     async def launch(self, info: StreamInfo, generation: Generation) -> None:
         await self.log.create(info, reader_grace_s=self.orphan_grace_s, lease_s=self.lease_s)
@@ -76,7 +92,7 @@ class StreamManager:
         else:
             await self.log.request_cancel(stream_id)
 
-    def _stop(self, stream_id: str, reason: str) -> None:
+    def _stop(self, stream_id: str, reason: StopReason) -> None:
         task = self._running.get(stream_id)
         if task is not None and stream_id not in self._reasons:
             self._reasons[stream_id] = reason
@@ -94,17 +110,23 @@ class StreamManager:
             if current is not None:
                 current.uncancel()
             reason = self._reasons.get(info.id, "cancelled")
+            if reason == "finishing":
+                reason = "cancelled"
             message, retryable = _REASONS[reason]
-            writer.add(generation.abort(reason, message, retryable=retryable))
+            writer.add(generation.abort(reason, message, retryable=retryable, status=reason))
         except StreamingError:
-            message, retryable = _REASONS["log_failed"]
-            generation.abort("log_failed", message, retryable=retryable, status="error")
+            generation.abort(
+                "stream_log_unavailable", "the stream could not be stored", retryable=True
+            )
         finally:
             # From here on the stream is ending: a late cancel must not interrupt the
             # bookkeeping, or the finish hook would never run and the stream would stay
             # "running" in the log.
             self._reasons.setdefault(info.id, "finishing")
-            await asyncio.shield(self._finish(info, generation, writer))
+            finish = asyncio.ensure_future(self._finish(info, generation, writer))
+            self._finishing.add(finish)
+            finish.add_done_callback(self._finishing.discard)
+            await asyncio.shield(finish)
 
     async def _finish(self, info: StreamInfo, generation: Generation, writer: LogWriter) -> None:
         await writer.close()
@@ -120,9 +142,60 @@ class StreamManager:
             except Exception:
                 logger.exception("stream %s: finish hook failed", info.id)
 
+    async def end_lost(self, stream_id: str) -> bool:
+        """Write the end of a stream whose generating process died, and bill it for what
+        its log shows it used: the deltas logged and the input estimate.
+
+        Exactly one process wins (`claim_end` appends only if the id is the next one);
+        the winner runs the `on_lost` hook. False if the stream is alive, already ended,
+        or someone else ended it first."""
+        info = await self.log.info(stream_id)
+        if info is None or info.status != "running" or stream_id in self._running:
+            return False
+        events: list[Event] = []
+        while batch := await self.log.read(stream_id, events[-1].id if events else 0, limit=5000):
+            events.extend(batch)
+        if events and events[-1].terminal:
+            return False
+        outcome = _logged_usage(info, events)
+        end = EventEncoder(events[-1].id if events else 0)(
+            "error",
+            {
+                "code": "stream_lost",
+                "message": "the stream stopped before it finished",
+                "retryable": True,
+                "usage": {
+                    "input_tokens": outcome.input_tokens,
+                    "output_tokens": outcome.output_tokens,
+                },
+                "cost_usd": outcome.cost_usd,
+            },
+        )
+        if not await self.log.claim_end(stream_id, end):
+            return False
+        logger.warning("stream %s: its process died; ended it as lost", stream_id)
+        if self._on_lost is not None:
+            try:
+                await self._on_lost(info, outcome)
+            except Exception:
+                logger.exception("stream %s: lost-stream hook failed", stream_id)
+        return True
+
+    async def _sweep(self) -> None:
+        try:
+            for stream_id in await self.log.lost():
+                await self.end_lost(stream_id)
+        except StreamingError as exc:
+            logger.warning("cannot look for lost streams: %s", exc)
+
     async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self.sweep_s
         while True:
             await asyncio.sleep(self.tick_s)
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + self.sweep_s
+                await self._sweep()
             if not self._running:
                 continue
             try:
@@ -140,3 +213,26 @@ class StreamManager:
                         self.orphan_grace_s,
                     )
                     self._stop(stream_id, "orphaned")
+
+
+def _logged_usage(info: StreamInfo, events: list[Event]) -> Outcome:
+    """What a stream used, judged from its log alone: output tokens as of the last
+    `progress`, plus an estimate for the text logged after it; the input estimate."""
+    output, chars_after = 0, 0
+    for event in events:
+        if event.name == "progress":
+            data = event.json()
+            output, chars_after = int(data["output_tokens"]), 0
+        elif event.name == "delta":
+            chars_after += len(event.json()["text"])
+    if chars_after:
+        output += estimate_tokens(chars_after)
+    input_tokens = info.input_tokens if events and output else 0
+    pricing = Pricing(info.input_usd_per_mtok, info.output_usd_per_mtok)
+    return Outcome(
+        status="lost",
+        error_code="stream_lost",
+        input_tokens=input_tokens,
+        output_tokens=output,
+        cost_usd=pricing.cost(input_tokens, output),
+    )

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from ._exceptions import UpstreamError
 from .chunks import Chunk, Stop, TextDelta, Usage
 from .events import Event, EventEncoder
+from .log.base import StreamStatus
 from .providers.base import GenerationRequest, Provider, estimate_tokens
 from .upstream import UpstreamObserver, UpstreamPolicy, pump
 
@@ -163,6 +164,8 @@ class Meter:
         self.max_tokens = max_tokens
         self.expected_tokens = max(1, expected_tokens)
         self.input_tokens = input_estimate
+        self.input_reported = False
+        """Whether the provider said how many input tokens it counted."""
         self.output_tokens = 0
         self.reported_output: int | None = None
         self.chars = 0
@@ -238,6 +241,7 @@ async def meter(
         elif isinstance(item, Usage):
             if item.input_tokens is not None:
                 state.input_tokens = item.input_tokens
+                state.input_reported = True
             if item.output_tokens is not None:
                 state.reported_output = item.output_tokens
         else:
@@ -262,10 +266,9 @@ async def meter(
 
 @dataclass(slots=True)
 class Outcome:
-    """How a stream ended, for billing, metrics and logs. `status` is one of
-    running, done, error, cancelled, orphaned, client_gone."""
+    """How a stream ended, for billing, metrics and logs."""
 
-    status: str = "running"
+    status: StreamStatus = "running"
     stop_reason: str | None = None
     error_code: str | None = None
     input_tokens: int = 0
@@ -343,10 +346,10 @@ class Generation:
                     batch.append(encode(name, data))
                 yield batch
         except UpstreamError as exc:
-            yield [self.abort(exc.code, exc.message, retryable=exc.retryable, status="error")]
+            yield [self.abort(exc.code, exc.message, retryable=exc.retryable)]
         except Exception:
             logger.exception("stream failed")
-            yield [self.abort("internal_error", "internal error", retryable=True, status="error")]
+            yield [self.abort("internal_error", "internal error", retryable=True)]
         finally:
             task.cancel()
             try:
@@ -374,11 +377,11 @@ class Generation:
         return "".join(self.parts) if self.parts is not None else None
 
     def abort(
-        self, code: str, message: str, *, retryable: bool = False, status: str | None = None
+        self, code: str, message: str, *, retryable: bool = False, status: StreamStatus = "error"
     ) -> Event:
         """The terminal `error` event, carrying what was used so far: a partial stream is
         billed for exactly what it consumed."""
-        self.end(status or code, error_code=code)
+        self.end(status, error_code=code)
         return self.encode(
             "error",
             {
@@ -391,10 +394,20 @@ class Generation:
         )
 
     def end(
-        self, status: str, *, stop_reason: str | None = None, error_code: str | None = None
+        self,
+        status: StreamStatus,
+        *,
+        stop_reason: str | None = None,
+        error_code: str | None = None,
     ) -> None:
-        """Record how the stream ended, with what it consumed up to now."""
+        """Record how the stream ended, with what it consumed up to now.
+
+        A request the provider never answered (refused with 429 or 529 on every attempt,
+        cancelled before a token, unreachable) used nothing the provider bills for: with no
+        output and no input count from the provider, the input is not billed either."""
         m, o = self.meter, self.outcome
+        if not m.input_reported and m.output_tokens == 0 and m.chars == 0:
+            m.input_tokens = 0
         o.status, o.stop_reason, o.error_code = status, stop_reason, error_code
         o.input_tokens, o.output_tokens, o.cost_usd = m.input_tokens, m.output_tokens, m.cost_usd
         o.ttft_ms = m.ttft_ms

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from .events import Event, EventEncoder
 from .log import StreamLog
 
 
 async def follow(
-    log: StreamLog, stream_id: str, after: int, *, grace_s: float
+    log: StreamLog,
+    stream_id: str,
+    after: int,
+    *,
+    grace_s: float,
+    end_lost: Callable[[str], Awaitable[bool]],
 ) -> AsyncGenerator[list[Event], None]:
     """Yield events with id > `after` until the terminal one, in the groups the log
     returned them (a reader catching up writes a group to its client at once).
 
     While it waits it tells the log a reader is attached (so the stream is not cancelled
     as orphaned) at a third of the grace period. If the stream is still `running` but
-    the process generating it stopped renewing its lease, it crashed: the reader gets a
-    retryable `error` instead of waiting forever on a stream that will never end.
+    the process generating it stopped renewing its lease, it crashed: `end_lost` writes
+    its end (a retryable `stream_lost` error with the usage the log shows, billed once)
+    and the reader relays it, instead of waiting forever on a stream that will never end.
     """
     last = after
     heartbeat = grace_s / 3
@@ -52,18 +58,33 @@ async def follow(
             last = tail[-1].id
             if tail[-1].terminal:
                 return
+        elif liveness.status != "running":
+            # It ended, but its end never reached the log (the log failed under it).
+            yield [_ended(last)]
+            return
         else:
             # The end is written to the log, so every reader, now or reconnecting, sees
-            # the same terminal event under a real id; if the generator got there
-            # first it is alive after all, and reading simply goes on.
-            lost = _lost(last, "stream_lost", "the stream stopped before it finished")
-            if await log.claim_end(stream_id, lost):
-                yield [lost]
-                return
+            # the same terminal event under a real id; the next read relays it. If the
+            # generator got there first it is alive after all, and reading goes on.
+            await end_lost(stream_id)
 
 
 def _expired(last: int) -> Event:
-    return _lost(last, "stream_expired", "the stream no longer exists", retryable=False)
+    return EventEncoder(last)(
+        "error",
+        {"code": "stream_expired", "message": "the stream no longer exists", "retryable": False},
+    )
+
+
+def _ended(last: int) -> Event:
+    return EventEncoder(last)(
+        "error",
+        {
+            "code": "stream_lost",
+            "message": "the stream ended but its end was not stored",
+            "retryable": True,
+        },
+    )
 
 
 def _upto_terminal(events: list[Event]) -> list[Event]:
@@ -71,7 +92,3 @@ def _upto_terminal(events: list[Event]) -> list[Event]:
         if event.terminal:
             return events[: i + 1]
     return events
-
-
-def _lost(last: int, code: str, message: str, *, retryable: bool = True) -> Event:
-    return EventEncoder(last)("error", {"code": code, "message": message, "retryable": retryable})

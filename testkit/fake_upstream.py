@@ -129,25 +129,31 @@ def _escaped_run(start: int, stop: int, offset: int) -> bytes:
     return b"".join(_ESCAPED[_word_index(i, offset)] for i in range(start, stop))
 
 
-def _text_len(content: Any) -> int:
+def _texts(content: Any) -> list[str]:
     if isinstance(content, str):
-        return len(content)
+        return [content]
     if isinstance(content, list):
-        return sum(
-            _text_len(b.get("text")) + _text_len(b.get("content"))
+        return [
+            t
             for b in content
             if isinstance(b, dict)
-        )
-    return 0
+            for t in _texts(b.get("text")) + _texts(b.get("content"))
+        ]
+    return []
 
 
-def count_input_tokens(body: Mapping[str, Any]) -> int:
-    """A cheap, deterministic stand-in for a tokenizer so usage numbers can be asserted."""
-    chars = _text_len(body.get("system"))
+def count_input_tokens(body: Mapping[str, Any], tokenizer: str = "chars") -> int:
+    """A cheap, deterministic stand-in for a tokenizer so usage numbers can be asserted.
+
+    `chars`: four characters a token. `words`: like a real BPE on short words, every word
+    is at least one token (a prompt of one-letter words is a token per two bytes)."""
+    texts = _texts(body.get("system"))
     for m in body.get("messages") or []:
         if isinstance(m, dict):
-            chars += _text_len(m.get("content"))
-    return max(1, chars // 4)
+            texts += _texts(m.get("content"))
+    if tokenizer == "words":
+        return max(1, sum(max(1, (len(w) + 3) // 4) for t in texts for w in t.split()))
+    return max(1, sum(len(t) for t in texts) // 4)
 
 
 @dataclass
@@ -167,6 +173,7 @@ class Behaviour:
     fault_after: int = 0
     retry_after_s: float | None = None
     seed: str = ""
+    tokenizer: str = "chars"
 
 
 _ALIASES = {"tps": "tokens_per_second", "chunk": "tokens_per_chunk", "batch": "events_per_write"}
@@ -180,6 +187,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "fault_after": int,
     "retry_after_s": float,
     "seed": str,
+    "tokenizer": str,
 }
 
 
@@ -202,6 +210,8 @@ def _overrides(raw: Mapping[str, Any] | Behaviour) -> dict[str, Any]:
         out[name] = None if value is None else _CASTS[name](value)
     if out.get("fault") is not None and out["fault"] not in FAULTS:
         raise ValueError(f"unknown fault {out['fault']!r}; expected one of {sorted(FAULTS)}")
+    if out.get("tokenizer", "chars") not in ("chars", "words"):
+        raise ValueError("tokenizer must be chars or words")
     if out.get("tokens_per_chunk", 1) < 1:
         raise ValueError("tokens_per_chunk must be >= 1")
     if out.get("events_per_write", 1) < 1:
@@ -363,7 +373,7 @@ class _Exchange:
         self.truncated = self.n < wanted
         self.stream = bool(body.get("stream"))
         self.usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.input_tokens = count_input_tokens(body)
+        self.input_tokens = count_input_tokens(body, beh.tokenizer)
         self.offset = _seed_offset(beh.seed)
         self.id = f"{'msg' if self.api == 'anthropic' else 'chatcmpl'}_fake{rec.id:08d}"
         self.created = int(rec.started_at)

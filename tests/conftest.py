@@ -8,8 +8,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from bench.fake_upstream import FakeUpstreamServer
-from tests.support import RedisServer, ServerThread, relay_settings, write_config
+from testkit.fake_upstream import FakeUpstreamServer
+from testkit.servers import RedisServer, ServerThread
+from tests.support import relay_settings, write_config
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,9 @@ async def reload_plans(request: Request) -> Response:
     caller.require(services.settings.admin_scope)
     path = services.settings.config
     if path is None:
-        raise ProblemError(409, "no_config_file", "this server runs the built-in config")
-    if not reload.reload(services, path):
+        raise ProblemError("no_config_file", "this server runs the built-in config")
+    if not reload.reload(services.plans, path):
         raise ProblemError(
-            422,
             "config_invalid",
             "the config file is not valid; the running plans are kept (see log)",
         )

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import hmac
-import json
-import re
 from typing import Any
 
 from starlette.requests import Request
@@ -21,43 +19,21 @@ from starlette.routing import Route
 
 from auth import NotAuthenticated, TokenPair
 
+from ..body import read_body
 from ..errors import ProblemError
+from ..schemas import DevTokenGrant, RefreshBody, TokenGrant
 from ..security import bearer_token, require_same_origin
 from ..services import Services
 from ..settings import Settings
 
-_SUBJECT = re.compile(r"^[A-Za-z0-9._@:|-]{1,128}$")
-_SCOPE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
+MAX_AUTH_BODY = 16_384
 
 
-async def _json(request: Request, allowed: set[str]) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 16_384:
-        raise ProblemError(413, "body_too_large", "the body is too large")
-    try:
-        body = json.loads(raw) if raw else {}
-    except ValueError as exc:
-        raise ProblemError(400, "invalid_json", "the body is not valid JSON") from exc
-    if not isinstance(body, dict) or set(body) - allowed:
-        raise ProblemError(
-            422, "invalid_request", f"the body may only have {', '.join(sorted(allowed))}"
-        )
-    return body
-
-
-def _grant(services: Services, body: dict[str, Any]) -> tuple[str, str, list[str]]:
-    subject = body.get("sub")
-    plan = body.get("plan", services.config.default_plan)
-    scopes = body.get("scopes", [])
-    if not isinstance(subject, str) or not _SUBJECT.match(subject):
-        raise ProblemError(422, "invalid_request", "`sub` must be 1-128 of A-Z a-z 0-9 . _ @ : | -")
+def _plan(services: Services, plan: str | None) -> str:
+    plan = plan if plan is not None else services.config.default_plan
     if plan not in services.config.plans:
-        raise ProblemError(422, "unknown_plan", f"no plan named {plan!r}")
-    if not isinstance(scopes, list) or not all(
-        isinstance(s, str) and _SCOPE.match(s) for s in scopes
-    ):
-        raise ProblemError(422, "invalid_request", "`scopes` must be a list of scope names")
-    return subject, plan, scopes
+        raise ProblemError("unknown_plan", f"no plan named {plan!r}")
+    return plan
 
 
 def _cookies(settings: Settings, pair: TokenPair | None) -> list[tuple[str, str, str, int]]:
@@ -112,18 +88,17 @@ async def issue_token(request: Request) -> Response:
         raise NotAuthenticated(
             "this route needs the client secret as a Bearer token", code="invalid_client"
         )
-    body = await _json(request, {"sub", "plan", "scopes", "cookie"})
-    subject, plan, scopes = _grant(services, body)
+    body = await read_body(request, TokenGrant, max_bytes=MAX_AUTH_BODY)
+    plan = _plan(services, body.plan)
     assert services.auth.refresh is not None
-    pair = await services.auth.refresh.issue(subject, plan, scopes)
-    return _pair_response(services, pair, bool(body.get("cookie")))
+    pair = await services.auth.refresh.issue(body.sub, plan, body.scopes)
+    return _pair_response(services, pair, body.cookie)
 
 
-def _refresh_token(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
+def _refresh_token(request: Request, body: RefreshBody) -> tuple[str, bool]:
     services: Services = request.app.state.services
-    token = body.get("refresh_token")
-    if isinstance(token, str):
-        return token, False
+    if body.refresh_token is not None:
+        return body.refresh_token, False
     cookie = request.cookies.get(services.settings.refresh_cookie_name)
     if cookie:
         require_same_origin(request, services)
@@ -135,7 +110,7 @@ def _refresh_token(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
 
 async def refresh(request: Request) -> Response:
     services: Services = request.app.state.services
-    body = await _json(request, {"refresh_token"})
+    body = await read_body(request, RefreshBody, max_bytes=MAX_AUTH_BODY, empty_ok=True)
     token, from_cookie = _refresh_token(request, body)
     assert services.auth.refresh is not None
     pair = await services.auth.refresh.refresh(token)
@@ -144,7 +119,7 @@ async def refresh(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     services: Services = request.app.state.services
-    body = await _json(request, {"refresh_token"})
+    body = await read_body(request, RefreshBody, max_bytes=MAX_AUTH_BODY, empty_ok=True)
     token, _ = _refresh_token(request, body)
     assert services.auth.refresh is not None
     await services.auth.refresh.logout(token)
@@ -159,12 +134,11 @@ async def logout(request: Request) -> Response:
 
 async def dev_token(request: Request) -> Response:
     services: Services = request.app.state.services
-    body = await _json(request, {"sub", "plan", "cookie"})
-    body.setdefault("sub", "demo-user")
-    subject, plan, _ = _grant(services, body)
+    body = await read_body(request, DevTokenGrant, max_bytes=MAX_AUTH_BODY, empty_ok=True)
+    plan = _plan(services, body.plan)
     assert services.auth.refresh is not None
-    pair = await services.auth.refresh.issue(subject, plan)
-    return _pair_response(services, pair, bool(body.get("cookie")), {"sub": subject, "plan": plan})
+    pair = await services.auth.refresh.issue(body.sub, plan)
+    return _pair_response(services, pair, body.cookie, {"sub": body.sub, "plan": plan})
 
 
 def routes(settings: Settings) -> list[Route]:

@@ -4,7 +4,8 @@ route that streams straight into its own response."""
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
@@ -14,18 +15,43 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from streaming import Event, Outcome, StreamInfo, StreamNotFound, follow
+from streaming import (
+    Event,
+    Outcome,
+    StreamInfo,
+    StreamingError,
+    StreamNotFound,
+    encode_data,
+    follow,
+)
 
+from ..body import read_body
 from ..errors import ProblemError
-from ..generation import start
-from ..schemas import clean
+from ..generation import Started, start
+from ..limits import stash
+from ..middleware import request_id_of
+from ..schemas import CompletionRequest, Feedback
 from ..security import authorize, principal, stream_reader
 from ..services import Services
 from ..sse import SSEResponse
 
+logger = logging.getLogger("sserelay.streams")
+
 # Sent to readers still open when a draining server closes: EventSource reconnects by
 # itself (with Last-Event-ID), to another replica, and resumes from the shared log.
 RECONNECT = b'event: reconnect\ndata: {"reason":"shutdown"}\n\n'
+
+# Sent (without an id, so Last-Event-ID stays on the last real event) to a reader whose
+# stream log cannot be read: its connection ends with a terminal, retryable event.
+LOG_UNAVAILABLE = b"event: error\ndata: %s\n\n" % encode_data(
+    {
+        "code": "stream_log_unavailable",
+        "message": "stream storage is unavailable; retry shortly",
+        "retryable": True,
+    }
+)
+
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _services(request: Request) -> Services:
@@ -51,18 +77,26 @@ async def _owned(services: Services, stream_id: str, subject: str) -> StreamInfo
     return info
 
 
-async def create_stream(request: Request) -> Response:
+async def _start(request: Request, prefix: str) -> tuple[Services, Started]:
     caller = await principal(request)
     services = _services(request)
-    info, generation = await start(request, caller, "s_")
+    body = await read_body(request, CompletionRequest, max_bytes=services.settings.max_body_bytes)
+    started = await start(services, caller, body, request_id_of(request.scope), prefix)
+    stash(request.scope, started.decision)
+    return services, started
+
+
+async def create_stream(request: Request) -> Response:
+    services, started = await _start(request, "s_")
+    info, generation = started.info, started.generation
     stream_id = info.id
     try:
         await services.manager.launch(info, generation)
     except BaseException:  # cancelled too: a reservation must never outlive its request
-        await asyncio.shield(services.settle(info.id, Outcome()))  # nothing was used
+        await asyncio.shield(services.accounting.settle(info.id, Outcome()))  # nothing used
         raise
     services.metrics.stream_started("streams", info.plan, info.model)
-    ticket, expires = services.tickets.issue(stream_id, caller.subject, caller.plan)
+    ticket, expires = services.tickets.issue(stream_id, info.owner, info.plan)
     return JSONResponse(
         _links(request, stream_id, ticket, expires),
         status_code=201,
@@ -79,9 +113,9 @@ def _last_event_id(request: Request) -> int:
     for value in values:
         if value is None or value == "":
             continue
-        if not value.isdigit() or len(value) > 18:
+        if not _EVENT_ID.fullmatch(value):  # ASCII digits only: "²".isdigit() is True
             raise ProblemError(
-                400, "invalid_last_event_id", "Last-Event-ID must be a non-negative integer"
+                "invalid_last_event_id", "Last-Event-ID must be a non-negative integer"
             )
         after = max(after, int(value))
     return after
@@ -91,12 +125,19 @@ async def _frames(
     batches: AsyncGenerator[list[Event], None], sent: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """One write per group of events produced together. The groups are closed when the
-    response ends, not when collected: closing a generation's batches cancels upstream."""
+    response ends, not when collected: closing a generation's batches cancels upstream.
+    A stream log that fails under a reader ends its response with a terminal, retryable
+    `error` rather than a connection cut with no last word."""
     async with aclosing(batches):
-        async for batch in batches:
-            for event in batch:
-                sent(event.name)
-            yield b"".join([event.frame() for event in batch])
+        try:
+            async for batch in batches:
+                for event in batch:
+                    sent(event.name)
+                yield b"".join([event.frame() for event in batch])
+        except StreamingError as exc:
+            logger.warning("a reader's stream log failed: %s", exc)
+            sent("error")
+            yield LOG_UNAVAILABLE
 
 
 async def stream_events(request: Request) -> Response | SSEResponse:
@@ -111,13 +152,20 @@ async def stream_events(request: Request) -> Response | SSEResponse:
             # The client has everything, terminal event included: 204 stops EventSource.
             return Response(status_code=204)
 
-    events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
+    events = follow(
+        services.log,
+        stream_id,
+        after,
+        grace_s=services.settings.orphan_grace_s,
+        end_lost=services.manager.end_lost,
+    )
     return SSEResponse(
         _frames(events, services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
         retry_ms=services.settings.retry_ms,
-        stop=services.stopping,
+        stop=services.drain.stopping,
         stop_frame=lambda: RECONNECT,
+        open_responses=services.drain.open_responses,
     )
 
 
@@ -169,10 +217,10 @@ async def new_ticket(request: Request) -> Response:
 
 
 async def chat_stream(request: Request) -> SSEResponse:
-    caller = await principal(request)
-    services = _services(request)
-    info, generation = await start(request, caller, "c_")
+    services, started = await _start(request, "c_")
+    info, generation = started.info, started.generation
     services.metrics.stream_started("chat", info.plan, info.model)
+    drain = services.drain
 
     async def finished() -> None:
         # Closed or cancelled before the end: the client left, and closing the
@@ -180,22 +228,23 @@ async def chat_stream(request: Request) -> SSEResponse:
         try:
             if generation.outcome.status == "running":
                 generation.end("client_gone", error_code="client_gone")
-            await asyncio.shield(services.stream_finished("chat", info, generation))
+            await asyncio.shield(services.accounting.stream_finished("chat", info, generation))
         finally:
-            services.direct_streams -= 1  # only once its usage is settled
+            drain.direct_streams -= 1  # only once its usage is settled
 
     def shutdown() -> bytes:
         return generation.abort(
-            "shutdown", "the server is shutting down; retry", retryable=True
+            "shutdown", "the server is shutting down; retry", retryable=True, status="shutdown"
         ).frame()
 
-    services.direct_streams += 1
+    drain.direct_streams += 1
     return SSEResponse(
         _frames(generation.batches(), services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
         on_close=finished,
-        stop=services.stopping,
+        stop=drain.stopping,
         stop_frame=shutdown,
+        open_responses=drain.open_responses,
     )
 
 
@@ -204,36 +253,13 @@ async def feedback(request: Request) -> Response:
     caller = await authorize(request)
     services = _services(request)
     stream_id = request.path_params["stream_id"]
+    body = await read_body(request, Feedback, max_bytes=16_384)
     record = await services.records.get(stream_id)
     if record is None or record["subject"] != caller.subject:
-        raise ProblemError(404, "record_not_found", "no finished stream with this id")
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise ProblemError(400, "invalid_json", "the body is not valid JSON") from exc
-    if not isinstance(body, dict) or set(body) - {"rating", "correct", "comment"}:
-        raise ProblemError(
-            422, "invalid_request", "the body may only have rating, correct, comment"
-        )
-    rating = body.get("rating")
-    if not (rating in ("up", "down") or (isinstance(rating, int) and 1 <= rating <= 5)):
-        raise ProblemError(422, "invalid_request", "rating must be up, down, or 1 to 5")
-    correct = body.get("correct")
-    comment = body.get("comment")
-    if correct is not None and not isinstance(correct, bool):
-        raise ProblemError(422, "invalid_request", "correct must be true or false")
-    if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
-        raise ProblemError(
-            422, "invalid_request", "comment must be text of at most 2000 characters"
-        )
-    entry = {
-        "rating": rating,
-        "correct": correct,
-        "comment": clean(comment) if comment else None,
-        "at": time.time(),
-    }
+        raise ProblemError("record_not_found", "no finished stream with this id")
+    entry = {**body.model_dump(), "at": time.time()}
     await services.records.attach_feedback(stream_id, entry)
-    services.metrics.feedback.labels(str(rating)).inc()
+    services.metrics.feedback.labels(str(body.rating)).inc()
     return JSONResponse({"id": stream_id, "feedback": entry})
 
 

@@ -1,10 +1,11 @@
 """Stream log implementations behind one interface."""
 
-from .base import Control, Liveness, LogWriter, StreamInfo, StreamLog
+from .base import STREAM_STATUSES, Control, Liveness, LogWriter, StreamInfo, StreamLog, StreamStatus
 from .memory import MemoryStreamLog
 from .redis import RedisStreamLog
 
 __all__ = [
+    "STREAM_STATUSES",
     "Control",
     "Liveness",
     "LogWriter",
@@ -12,4 +13,5 @@ __all__ = [
     "RedisStreamLog",
     "StreamInfo",
     "StreamLog",
+    "StreamStatus",
 ]

@@ -16,11 +16,30 @@ import abc
 import asyncio
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 from ..events import Event
 
 logger = logging.getLogger("sserelay.streamlog")
+
+
+StreamStatus = Literal[
+    "running", "done", "error", "cancelled", "orphaned", "client_gone", "shutdown", "lost"
+]
+"""How a stream stands: `running` until it ends, then how it ended. `lost`: the process
+generating it died and another one wrote its end."""
+
+STREAM_STATUSES: tuple[StreamStatus, ...] = (
+    "running",
+    "done",
+    "error",
+    "cancelled",
+    "orphaned",
+    "client_gone",
+    "shutdown",
+    "lost",
+)
 
 
 @dataclass(slots=True)
@@ -32,10 +51,38 @@ class StreamInfo:
     plan: str
     max_tokens: int
     created_at: float
-    status: str = "running"
+    status: StreamStatus = "running"
+    input_tokens: int = 0
+    """The prompt's estimated tokens: what a stream whose process died is billed for
+    its input (the provider's report died with it)."""
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+    billing: str = ""
+    """Opaque to this package: what the app needs to settle the stream's usage from any
+    process (its rate-limit reservation). Never shown to clients."""
 
     def as_dict(self) -> dict[str, str | int | float]:
-        return asdict(self)
+        """The public view (what `GET /v1/streams/{id}` shows)."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "model": self.model,
+            "provider": self.provider,
+            "plan": self.plan,
+            "max_tokens": self.max_tokens,
+            "created_at": self.created_at,
+            "status": self.status,
+        }
+
+    def fields(self) -> dict[str, str | int | float]:
+        """Everything, for storage."""
+        return {
+            **self.as_dict(),
+            "input_tokens": self.input_tokens,
+            "input_usd_per_mtok": self.input_usd_per_mtok,
+            "output_usd_per_mtok": self.output_usd_per_mtok,
+            "billing": self.billing,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +98,7 @@ class Liveness:
     """What a waiting reader needs to know: `status`, and whether the process generating
     a running stream still renews its lease (None = the stream is gone)."""
 
-    status: str
+    status: StreamStatus
     generating: bool
 
 
@@ -77,7 +124,7 @@ class StreamLog(abc.ABC):
         """Append events whose ids continue the stream's sequence."""
 
     @abc.abstractmethod
-    async def finish(self, stream_id: str, status: str) -> None:
+    async def finish(self, stream_id: str, status: StreamStatus) -> None:
         """Record the final status and shorten every key's life to `ttl_s`."""
 
     @abc.abstractmethod
@@ -103,6 +150,12 @@ class StreamLog(abc.ABC):
     async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
         """Renew the generation lease of streams this process runs; report their control
         flags. One call for all of a process's streams."""
+
+    @abc.abstractmethod
+    async def lost(self, limit: int = 500) -> list[str]:
+        """Streams still `running` whose generating process stopped renewing its lease
+        (it died): their end is for someone else to write, and their usage to settle.
+        Never a stream this log instance is writing itself."""
 
     @abc.abstractmethod
     async def ping(self) -> None:

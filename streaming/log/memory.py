@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from ..events import Event
-from .base import Control, Liveness, StreamInfo, StreamLog
+from .base import Control, Liveness, StreamInfo, StreamLog, StreamStatus
 
 
 class _Entry:
@@ -90,7 +90,7 @@ class MemoryStreamLog(StreamLog):
         entry.changed.set()
         entry.changed = asyncio.Event()
 
-    async def finish(self, stream_id: str, status: str) -> None:
+    async def finish(self, stream_id: str, status: StreamStatus) -> None:
         entry = self._get(stream_id)
         if entry is None:
             return
@@ -147,6 +147,10 @@ class MemoryStreamLog(StreamLog):
             entry.lease_until = now + lease_s
             result[stream_id] = Control(entry.cancel, entry.reader_until > now)
         return result
+
+    async def lost(self, limit: int = 500) -> list[str]:
+        # Every stream here is written by this process, which cannot have died.
+        return []
 
     async def ping(self) -> None:
         return None

@@ -8,6 +8,8 @@ Keys (all under one hash tag per stream, so they share a Cluster slot):
     {prefix}s:{<id>}:rd   "a reader is attached" (expires after the grace period)
     {prefix}s:{<id>}:ls   "the generating process is alive" (its lease)
     {prefix}s:{<id>}:cx   "cancel requested"
+    {prefix}running       sorted set: the streams running anywhere, by creation time,
+                          so any process can find those whose generator died (`lost`)
 
 Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD. Readers
 that wait for new events of a stream generated elsewhere share one blocking XREAD per
@@ -30,10 +32,10 @@ from .._exceptions import StreamLogError
 from ..events import Event
 from ._appender import Appender
 from ._tailer import Tailer
-from .base import Control, Liveness, StreamInfo, StreamLog
+from .base import Control, Liveness, StreamInfo, StreamLog, StreamStatus
 
-_INT_FIELDS = ("max_tokens",)
-_FLOAT_FIELDS = ("created_at",)
+_INT_FIELDS = ("max_tokens", "input_tokens")
+_FLOAT_FIELDS = ("created_at", "input_usd_per_mtok", "output_usd_per_mtok")
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class RedisStreamLog(StreamLog):
         self._tailer = Tailer(tail, client, _parse)
         self._appender = Appender(client, self._queue_append)
         self._local: dict[str, _Local] = {}
+        self._running = f"{prefix}running"
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self._prefix}s:{{{stream_id}}}:{kind}"
@@ -72,8 +75,10 @@ class RedisStreamLog(StreamLog):
         meta = self._key(info.id, "m")
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.hset(meta, mapping={k: str(v) for k, v in info.as_dict().items()})
+                pipe.hset(meta, mapping={k: str(v) for k, v in info.fields().items()})
                 pipe.pexpire(meta, self._live_ms)
+                pipe.zadd(self._running, {info.id: info.created_at})
+                pipe.pexpire(self._running, self._live_ms)
                 pipe.set(self._key(info.id, "rd"), 1, px=int(reader_grace_s * 1000))
                 pipe.set(self._key(info.id, "ls"), 1, px=int(lease_s * 1000))
                 await pipe.execute()
@@ -90,9 +95,11 @@ class RedisStreamLog(StreamLog):
             return None
         fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
         for name in _INT_FIELDS:
-            fields[name] = int(fields[name])
+            if name in fields:
+                fields[name] = int(fields[name])
         for name in _FLOAT_FIELDS:
-            fields[name] = float(fields[name])
+            if name in fields:
+                fields[name] = float(fields[name])
         return StreamInfo(**fields)
 
     def _queue_append(self, pipe: Any, stream_id: str, events: Sequence[Event]) -> None:
@@ -126,10 +133,11 @@ class RedisStreamLog(StreamLog):
                 contiguous = events[0].id <= after + 1
                 waiter.set_result([e for e in events if e.id > after] if contiguous else None)
 
-    async def finish(self, stream_id: str, status: str) -> None:
+    async def finish(self, stream_id: str, status: StreamStatus) -> None:
         try:
             async with self._r.pipeline(transaction=False) as pipe:
                 pipe.hset(self._key(stream_id, "m"), "status", status)
+                pipe.zrem(self._running, stream_id)
                 for kind in ("m", "ev", "cx"):
                     pipe.pexpire(self._key(stream_id, kind), self._ttl_ms)
                 pipe.delete(self._key(stream_id, "ls"), self._key(stream_id, "rd"))
@@ -234,6 +242,34 @@ class RedisStreamLog(StreamLog):
             stream_id: Control(bool(replies[3 * i + 1]), bool(replies[3 * i + 2]))
             for i, stream_id in enumerate(ids)
         }
+
+    async def lost(self, limit: int = 500) -> list[str]:
+        found: list[str] = []
+        start, batch = 0, 500
+        try:
+            while len(found) < limit:
+                raw: Any = await self._r.zrange(self._running, start, start + batch - 1)
+                ids = [i.decode() for i in raw]
+                if not ids:
+                    break
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for stream_id in ids:
+                        pipe.hget(self._key(stream_id, "m"), "status")
+                        pipe.exists(self._key(stream_id, "ls"))
+                    replies = await pipe.execute()
+                gone = []
+                for i, stream_id in enumerate(ids):
+                    status, leased = replies[2 * i], replies[2 * i + 1]
+                    if status != b"running":
+                        gone.append(stream_id)  # expired, or ended without leaving the index
+                    elif not leased and stream_id not in self._local:
+                        found.append(stream_id)
+                if gone:
+                    await self._r.zrem(self._running, *gone)
+                start += len(ids) - len(gone)
+        except RedisError as exc:
+            raise StreamLogError(f"cannot look for lost streams: {exc}") from exc
+        return found[:limit]
 
     async def ping(self) -> None:
         try:

@@ -31,6 +31,22 @@ class GenerationRequest:
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages) + len(self.system or "")
 
+    def input_token_bound(self) -> int:
+        """At least as many tokens as any provider can count for this prompt.
+
+        Tokenizers in use (Claude's, OpenAI's cl100k/o200k, Llama's) are byte-level BPE:
+        every token covers at least one UTF-8 byte, so a text never has more tokens than
+        bytes. Each message costs a few framing tokens on top (role markers, separators:
+        3 to 4 for OpenAI, fewer than 8 for the others), and the request a few more."""
+        size = sum(len(m.content.encode()) + _MESSAGE_OVERHEAD for m in self.messages)
+        if self.system:
+            size += len(self.system.encode()) + _MESSAGE_OVERHEAD
+        return size + _REQUEST_OVERHEAD
+
+
+_MESSAGE_OVERHEAD = 8
+_REQUEST_OVERHEAD = 8
+
 
 def estimate_tokens(chars: int) -> int:
     """About four characters a token for English text; good enough for a projection

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from bench.fake_upstream import FakeUpstreamServer
 from streaming import GenerationRequest, Message, simulated_text
 from streaming.providers import estimate_tokens
-from tests.support import ServerThread, relay_settings, write_config
+from testkit.fake_upstream import FakeUpstreamServer
+from testkit.servers import ServerThread
+from tests.support import relay_settings, write_config
 
 pytestmark = pytest.mark.browser
 

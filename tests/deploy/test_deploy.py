@@ -20,7 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support import ROOT, ServerProcess, ServerThread, auth, collect, relay_settings
+from testkit.servers import ServerProcess, ServerThread
+from testkit.sse import collect
+from tests.support import ROOT, auth, relay_settings
 
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"

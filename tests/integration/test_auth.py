@@ -21,8 +21,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from bench.fake_upstream import FakeUpstreamServer
-from tests.support import SECRET, JSONServer, ServerThread, relay_settings, write_config
+from testkit.fake_upstream import FakeUpstreamServer
+from testkit.servers import JSONServer, ServerThread
+from tests.support import SECRET, relay_settings, write_config
 
 ISS, AUD = "https://issuer.test", "sserelay-test"
 CLIENT_SECRET = "client-secret-for-trusted-backends-0123456789"

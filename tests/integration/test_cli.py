@@ -97,7 +97,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 async def test_generated_keys_sign_tokens_the_server_accepts(tmp_path: Path, alg: str) -> None:
     import httpx
 
-    from tests.support import ServerProcess
+    from testkit.servers import ServerProcess
 
     generated = _cli({}, "keys", "generate", "--alg", alg, "--out", str(tmp_path))
     assert generated.returncode == 0, generated.stderr
@@ -139,7 +139,8 @@ def test_token_issue_needs_a_key_and_a_plan() -> None:
 async def test_no_credential_reaches_the_log(tmp_path: Path) -> None:
     import httpx
 
-    from tests.support import SECRET, ServerProcess, token
+    from testkit.servers import ServerProcess
+    from tests.support import SECRET, token
 
     server = ServerProcess(
         {

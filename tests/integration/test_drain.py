@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import SECRET, Collected, ServerProcess, auth, sse_events
+from testkit.servers import ServerProcess
+from testkit.sse import Collected, sse_events
+from tests.support import SECRET, auth
 
 
 async def _read(
@@ -110,3 +112,62 @@ async def test_readers_of_other_replicas_streams_reconnect_elsewhere(
     finally:
         a.stop()
         b.stop()
+
+
+async def _reconnected(client: httpx.AsyncClient, url: str) -> tuple[list[str], bool]:
+    """The out-of-contract events a reader got, and whether its body ended cleanly (an
+    incomplete chunked body raises)."""
+    other: list[str] = []
+    try:
+        async with client.stream("GET", url) as response:
+            async for item in sse_events(response):
+                if not isinstance(item, str) and item.event not in (
+                    "start",
+                    "delta",
+                    "progress",
+                    "done",
+                    "error",
+                ):
+                    other.append(item.event)
+    except httpx.HTTPError:
+        return other, False
+    return other, True
+
+
+@pytest.mark.redis
+async def test_every_reader_gets_its_last_word_before_the_deadline(
+    config_path: Path, redis_url: str
+) -> None:
+    """50 live readers on a draining replica, of streams another replica generates:
+    every one gets `event: reconnect` and a clean end, every time, and the process exits
+    at the drain deadline, not when uvicorn gives up on a reader."""
+    env = {
+        "SSERELAY_JWT_SECRET": SECRET,
+        "SSERELAY_CONFIG": str(config_path),
+        "SSERELAY_REDIS_URL": redis_url,
+        "SSERELAY_REDIS_PREFIX": f"t-{uuid.uuid4().hex[:6]}:",
+        "SSERELAY_DRAIN_TIMEOUT_S": "1",
+    }
+    generator = ServerProcess(env)
+    limits = httpx.Limits(max_connections=200)
+    try:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            for _ in range(3):
+                draining = ServerProcess(env)
+                streams = [await _start(client, generator.url, 400) for _ in range(50)]
+                readers = [
+                    asyncio.create_task(_reconnected(client, draining.url + s["events_url"]))
+                    for s in streams
+                ]
+                await asyncio.sleep(1.0)
+                signalled = time.monotonic()
+                draining.proc.send_signal(signal.SIGTERM)
+                results = await asyncio.gather(*readers)
+                assert [r for r in results if r != (["reconnect"], True)] == []
+                assert await asyncio.to_thread(draining.proc.wait, 15) == 0
+                assert time.monotonic() - signalled < 1 + 4  # no 5 s uvicorn cut-off
+                draining.stop()
+                for s in streams:
+                    await client.delete(generator.url + s["status_url"], headers=auth())
+    finally:
+        generator.stop()

@@ -8,8 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.fake_upstream import FakeUpstreamServer, expected_text
-from tests.support import Collected, ServerThread, auth, collect
+from testkit.fake_upstream import FakeUpstreamServer, expected_text
+from testkit.servers import ServerThread
+from testkit.sse import Collected, collect
+from tests.support import auth
 
 
 async def run(client: httpx.AsyncClient, relay: ServerThread, model: str) -> Collected:

@@ -7,7 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import SECRET, ServerThread, auth, relay_settings, token
+from testkit.servers import ServerThread
+from tests.support import SECRET, auth, relay_settings, token
 
 
 def _is_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

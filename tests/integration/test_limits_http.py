@@ -4,6 +4,7 @@ reservations settled to actual usage however a stream ends, concurrency leases, 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,22 +14,17 @@ import httpx
 import pytest
 import yaml
 
-from bench.fake_upstream import FakeUpstreamServer
-from tests.support import (
-    ServerThread,
-    auth,
-    collect,
-    relay_settings,
-    sse_events,
-    until_ok,
-    write_config,
-)
+from testkit.fake_upstream import FakeUpstreamServer
+from testkit.servers import ServerThread
+from testkit.sse import collect, sse_events
+from tests.support import auth, relay_settings, until_ok, write_config
 
 PLANS = {
     "rpm3": {"requests_per_minute": 3, "requests_per_day": 100},
     "metered": {"tokens_per_minute": 100_000, "daily_budget_usd": 1.0},
     "single": {"concurrent_streams": 1},
     "tight": {"tokens_per_minute": 500},
+    "crafted": {"tokens_per_minute": 5000, "max_tokens": 20},
 }
 
 
@@ -267,7 +263,8 @@ async def test_sighup_reloads_plans(
 ) -> None:
     import signal
 
-    from tests.support import SECRET, ServerProcess
+    from testkit.servers import ServerProcess
+    from tests.support import SECRET
 
     config = write_config(
         tmp_path, upstream.url, extra_plans={"r": {"requests_per_minute": 1}}, name="hup"
@@ -287,3 +284,51 @@ async def test_sighup_reloads_plans(
     finally:
         output = server.stop()
     assert "plans reloaded" in output
+
+
+async def test_a_prompt_crafted_to_tokenize_badly_cannot_overrun_the_limit(
+    limited: ServerThread, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    """One-letter words are a token per two bytes, not per four characters: admission
+    must count the prompt at its upper bound, so `used` never ends above the limit."""
+    headers = who("crafted")
+    crafted = {"model": "claude", "prompt": "a " * 9000, "max_tokens": 20}
+    upstream.app.push_faults([{"tokenizer": "words", "tokens": 20}])
+    r = await client.post(limited.url + "/v1/chat/stream", json=crafted, headers=headers)
+    if r.status_code == 200:  # admitted: it must not have overrun
+        await asyncio.sleep(0.2)
+    else:
+        assert r.status_code == 422 and r.json()["code"] == "exceeds_plan_limit"
+    assert _tokens_used(await _usage(client, limited, headers)) <= 5000
+    # A prompt that fits at its bound is admitted and billed what the provider counted;
+    # a second one that could only fit by the estimate is refused, not admitted.
+    fits = {"model": "claude", "prompt": "a " * 2400, "max_tokens": 20}
+    upstream.app.push_faults([{"tokenizer": "words", "tokens": 20}])
+    r = await client.post(limited.url + "/v1/chat/stream", json=fits, headers=headers)
+    assert r.status_code == 200 and "event: done" in r.text
+    await _settled(client, limited, headers, 2400 + 20)
+    upstream.app.push_faults([{"tokenizer": "words", "tokens": 20}])
+    r = await client.post(limited.url + "/v1/chat/stream", json=fits, headers=headers)
+    assert r.status_code == 429
+    assert _tokens_used(await _usage(client, limited, headers)) <= 5000
+
+
+@pytest.mark.parametrize("fault", ["status_429", "status_529"])
+async def test_a_request_the_provider_refused_costs_nothing(
+    limited: ServerThread, upstream: FakeUpstreamServer, client: httpx.AsyncClient, fault: str
+) -> None:
+    headers = who("metered")
+    upstream.app.push_faults([{"fault": fault}] * 3)  # every attempt
+    r = await client.post(
+        limited.url + "/v1/chat/stream",
+        json={"model": "claude", "prompt": "refused " * 10, "max_tokens": 50},
+        headers=headers,
+    )
+    error = next(
+        json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"code')
+    )
+    assert error["code"] in ("upstream_rate_limited", "upstream_overloaded")
+    assert error["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    assert error["cost_usd"] == 0
+    usage = await _settled(client, limited, headers, 0)
+    assert usage["budget"]["spent_usd"] == 0

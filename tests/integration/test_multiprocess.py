@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from streaming import GenerationRequest, Message, simulated_text
-from tests.support import SECRET, Collected, ServerProcess, auth, collect, sse_events
+from testkit.servers import ServerProcess
+from testkit.sse import Collected, collect, sse_events
+from tests.support import SECRET, auth
 
 pytestmark = pytest.mark.redis
 

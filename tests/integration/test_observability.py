@@ -21,18 +21,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.records import MemoryRecordStore, RecordStore, RedisRecordStore
-from bench.fake_upstream import FakeUpstreamServer
-from tests.support import (
-    ROOT,
-    SECRET,
-    ServerProcess,
-    ServerThread,
-    auth,
-    collect,
-    free_port,
-    relay_settings,
-    wait_http,
-)
+from testkit.fake_upstream import FakeUpstreamServer
+from testkit.servers import ServerProcess, ServerThread, free_port, wait_http
+from testkit.sse import collect
+from tests.support import ROOT, SECRET, auth, relay_settings
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")

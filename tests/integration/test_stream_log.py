@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from app.services import redis_clients
+from app.redis_client import redis_clients
 from streaming import (
     Event,
     EventEncoder,
@@ -23,7 +23,7 @@ from streaming import (
     StreamLogError,
 )
 from streaming.log import LogWriter
-from tests.support import free_port
+from testkit.servers import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -66,6 +66,9 @@ class TwoProcesses(StreamLog):
     async def renew(self, stream_ids: Any, lease_s: float) -> Any:
         return await self.writer.renew(stream_ids, lease_s)
 
+    async def lost(self, limit: int = 500) -> list[str]:
+        return await self.reader.lost(limit)
+
     async def ping(self) -> None:
         await self.reader.ping()
 
@@ -80,7 +83,7 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
     logs: list[RedisStreamLog] = []
     clients = []
     for _ in range(1 if request.param == "redis" else 2):
-        client, tail = redis_clients(url, max_connections=50)
+        client, tail, _ = redis_clients(url, max_connections=50)
         clients.append(client)
         logs.append(
             RedisStreamLog(
@@ -102,7 +105,7 @@ async def _redis_log(
 ) -> AsyncIterator[RedisStreamLog]:
     """One Redis log (as one process has), on its own clients; `tail` replaces the
     connection its shared blocking reads use."""
-    client, own_tail = redis_clients(redis_url, max_connections=10)
+    client, own_tail, _ = redis_clients(redis_url, max_connections=10)
     log = RedisStreamLog(
         client,
         tail=tail or own_tail,
@@ -216,6 +219,20 @@ async def test_lease_lapses_when_not_renewed(log: StreamLog) -> None:
     await log.renew([info.id], 5)
     liveness = await log.touch_reader(info.id, 5)
     assert liveness is not None and liveness.generating
+
+
+async def test_lost_lists_streams_whose_writer_stopped_renewing(log: StreamLog) -> None:
+    """A process that dies stops renewing its lease: another process finds the stream
+    among the lost ones (never a process that is itself writing it)."""
+    info, alive = _info(), _info()
+    await log.create(info, reader_grace_s=5, lease_s=0.2)
+    await log.create(alive, reader_grace_s=5, lease_s=5)
+    await asyncio.sleep(0.3)
+    lost = await log.lost()
+    expected = [info.id] if isinstance(log, TwoProcesses) else []
+    assert lost == expected
+    await log.finish(info.id, "lost")
+    assert await log.lost() == []
 
 
 async def test_writer_batches_in_order(log: StreamLog) -> None:

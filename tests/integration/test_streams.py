@@ -9,9 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.fake_upstream import FakeUpstreamServer, expected_text
 from streaming import GenerationRequest, Message, simulated_text
-from tests.support import Collected, ServerThread, auth, collect, relay_settings, sse_events
+from testkit.fake_upstream import FakeUpstreamServer, expected_text
+from testkit.servers import ServerThread
+from testkit.sse import Collected, collect, sse_events
+from tests.support import auth, relay_settings
 
 BODY = {"model": "sim-fast", "prompt": "Tell me about streams", "max_tokens": 20}
 

@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from bench.fake_upstream import (
+from testkit.fake_upstream import (
     Behaviour,
     FakeUpstreamServer,
     RequestRecord,

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from streaming.providers._http import HTTPError, Pool
-from tests.support import free_port
+from testkit.servers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

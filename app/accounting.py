@@ -1,0 +1,151 @@
+"""What runs when a stream ends: settle its usage, count it, record it, log it.
+
+Every stream reaches `stream_finished` exactly once, however it ended, from the process
+that ran it (the manager's finish hook for resumable streams, the response's close for
+the direct route). A stream whose process died reaches `stream_lost` instead, once, from
+whichever process wrote its end: it is settled from the reservation stored with the
+stream, so a crash never leaves a caller charged for the worst case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ratelimit import NANO_USD, Limiter, LimiterUnavailable, Reservation
+from streaming import Generation, Outcome, StreamInfo, StreamingError
+
+from .metrics import Metrics
+from .records import RecordStore, content
+from .settings import RecordsContent
+
+logger = logging.getLogger("sserelay")
+stream_log = logging.getLogger("sserelay.stream")
+
+
+class StreamAccounting:
+    def __init__(
+        self,
+        *,
+        limiter: Limiter,
+        metrics: Metrics,
+        records: RecordStore,
+        records_content: RecordsContent,
+    ) -> None:
+        self.limiter = limiter
+        self.metrics = metrics
+        self.records = records
+        self.records_content = records_content
+        self.reservations: dict[str, Reservation] = {}
+        """Admissions of the streams running in this process, by stream id, until settled."""
+
+    def hold(self, stream_id: str, reservation: Reservation) -> None:
+        self.reservations[stream_id] = reservation
+
+    async def settle(self, stream_id: str, outcome: Outcome) -> None:
+        """Bill what the stream actually used against its admission, once."""
+        reservation = self.reservations.pop(stream_id, None)
+        if reservation is not None:
+            await self._settle(stream_id, reservation, outcome)
+
+    async def _settle(self, stream_id: str, reservation: Reservation, outcome: Outcome) -> None:
+        try:
+            await self.limiter.settle(
+                reservation,
+                tokens=outcome.input_tokens + outcome.output_tokens,
+                cost_nano_usd=round(outcome.cost_usd * NANO_USD),
+            )
+        except LimiterUnavailable as exc:
+            # The reservation stays counted at its worst case (the safe side) and its
+            # lease expires by itself.
+            self.metrics.limiter_errors.inc()
+            logger.error("stream %s: cannot settle usage: %s", stream_id, exc)
+
+    async def keep_leases(self) -> None:
+        """Renew the concurrency leases of running streams until cancelled."""
+        interval = self.limiter.lease_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.limiter.renew(list(self.reservations.values()))
+            except LimiterUnavailable as exc:
+                self.metrics.limiter_errors.inc()
+                logger.warning("cannot renew concurrency leases: %s", exc)
+
+    async def stream_finished(self, route: str, info: StreamInfo, generation: Generation) -> None:
+        """Runs exactly once per stream this process ran, however it ended."""
+        outcome = generation.outcome
+        await self.settle(info.id, outcome)
+        self.metrics.stream_finished(route, info.plan, info.model, outcome)
+        await self._record(route, info, outcome, generation)
+
+    async def stream_lost(self, info: StreamInfo, outcome: Outcome) -> None:
+        """Runs once for a stream whose process died, in the process that ended it."""
+        if info.billing:
+            try:
+                reservation = Reservation.from_json(info.billing)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("stream %s: unreadable reservation: %s", info.id, exc)
+            else:
+                await self._settle(info.id, reservation, outcome)
+        self.metrics.stream_finished("streams", info.plan, info.model, outcome, live=False)
+        await self._record("streams", info, outcome, None)
+
+    async def _record(
+        self, route: str, info: StreamInfo, outcome: Outcome, generation: Generation | None
+    ) -> None:
+        record = self.record(route, info, outcome, generation)
+        try:
+            await self.records.add(record)
+        except StreamingError as exc:
+            logger.error("stream %s: cannot store its record: %s", info.id, exc)
+        stream_log.info(
+            "stream %s %s",
+            info.id,
+            outcome.status,
+            extra={k: v for k, v in record.items() if k not in ("input", "output")},
+        )
+
+    def record(
+        self, route: str, info: StreamInfo, outcome: Outcome, generation: Generation | None
+    ) -> dict[str, Any]:
+        mode = self.records_content
+        prompt = output = None
+        request_id = None
+        if generation is not None:
+            request = generation.request
+            request_id = request.request_id
+            prompt = json.dumps(
+                {
+                    "system": request.system,
+                    "messages": [[m.role, m.content] for m in request.messages],
+                }
+            )
+            output = generation.text()
+        fields: Mapping[str, Any] = {
+            "id": info.id,
+            "request_id": request_id,
+            "subject": info.owner,
+            "plan": info.plan,
+            "model": info.model,
+            "provider": info.provider,
+            "route": route,
+            "created_at": info.created_at,
+            "finished_at": time.time(),
+            "outcome": outcome.status,
+            "stop_reason": outcome.stop_reason,
+            "error_code": outcome.error_code,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": outcome.cost_usd,
+            "ttft_ms": outcome.ttft_ms,
+            "duration_ms": outcome.duration_ms,
+            "retries": outcome.retries,
+            "input": content(prompt, mode),
+            "output": content(output, mode),
+        }
+        return dict(fields)
