@@ -20,7 +20,11 @@ from . import reload
 from .config import Config, load_config
 from .errors import exception_handlers
 from .logs import configure
-from .middleware import RequestContextMiddleware, SecurityHeadersMiddleware
+from .middleware import (
+    AllowedHostsMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
 from .routes import admin, auth, meta, streams
 from .settings import Settings
 from .wiring import build_services
@@ -67,14 +71,15 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
         getattr(r, "endpoint", getattr(r, "app", None)): getattr(r, "path", "") for r in routes
     }
     middleware = [
-        Middleware(RequestContextMiddleware, routes=templates),
         Middleware(
-            SecurityHeadersMiddleware,
-            allowed_hosts=settings.allowed_host_list,
-            hsts=settings.hsts,
-            hsts_max_age_s=settings.hsts_max_age_s,
+            SecurityHeadersMiddleware, hsts=settings.hsts, hsts_max_age_s=settings.hsts_max_age_s
         ),
+        Middleware(RequestContextMiddleware, routes=templates),
     ]
+    if settings.allowed_host_list:
+        middleware.append(
+            Middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_host_list)
+        )
     if settings.cors_origin_list:
         middleware.append(
             Middleware(

@@ -122,8 +122,8 @@ def _host_of(scope: Scope) -> str:
 
 
 class SecurityHeadersMiddleware:
-    """The response headers a browser-facing service owes its users (helmet's set), and
-    the Host allow-list.
+    """The response headers a browser-facing service owes its users (helmet's set). The
+    outermost middleware, so every response has them, a bug's 500 included.
 
     - `X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer`,
       `X-Frame-Options: DENY` (with CSP `frame-ancestors 'none'` for documents),
@@ -133,30 +133,12 @@ class SecurityHeadersMiddleware:
     - `Strict-Transport-Security` over TLS, or always when told (behind a TLS proxy);
     - `Cache-Control: no-store` unless the route chose its own (the demo page's files):
       API answers carry user data, which no shared cache may keep.
-
-    With `allowed_hosts`, a request naming another host is refused (400 `invalid_host`)
-    before any route sees it: nothing this server builds may come from a forged Host.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        allowed_hosts: Sequence[str] = (),
-        hsts: bool = False,
-        hsts_max_age_s: int = 31_536_000,
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, hsts: bool = False, hsts_max_age_s: int = 31_536_000):
         self.app = app
-        self.allowed = [h for h in allowed_hosts if not h.startswith("*.")]
-        self.suffixes = [h[1:] for h in allowed_hosts if h.startswith("*.")]
         self.hsts = hsts
         self.hsts_value = f"max-age={hsts_max_age_s}; includeSubDomains".encode()
-
-    def _host_allowed(self, scope: Scope) -> bool:
-        if not self.allowed and not self.suffixes:
-            return True
-        host = _host_of(scope)
-        return host in self.allowed or any(host.endswith(s) for s in self.suffixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,11 +158,27 @@ class SecurityHeadersMiddleware:
                 message["headers"] = [*headers, *extra]
             await send(message)
 
-        if not self._host_allowed(scope):
-            response = problem(400, "invalid_host", "this server does not answer to that host")
-            await response(scope, receive, send_with_headers)
-            return
         await self.app(scope, receive, send_with_headers)
+
+
+class AllowedHostsMiddleware:
+    """Refuses (400 `invalid_host`) a request naming a host outside the allow-list
+    before any route sees it: nothing this server builds may come from a forged Host.
+    `*.example.com` allows the subdomains of example.com."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = {h for h in allowed_hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h[1:] for h in allowed_hosts if h.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = _host_of(scope)
+            if host not in self.allowed and not (self.suffixes and host.endswith(self.suffixes)):
+                response = problem(400, "invalid_host", "this server does not answer to that host")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 _SECURITY_HEADERS = (

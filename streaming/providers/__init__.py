@@ -1,4 +1,5 @@
-"""Providers: Anthropic (official SDK), OpenAI-compatible (httpx), and the simulator."""
+"""Providers: Anthropic (official SDK), OpenAI-compatible (sserelay's own HTTP/1.1 client
+in `_http`), and the simulator."""
 
 from .anthropic import AnthropicProvider
 from .base import GenerationRequest, Message, Provider, estimate_tokens

@@ -2,6 +2,10 @@
 
 The SDK's own retries are off: retry policy lives in one place (the pipeline's upstream
 reader) so that it can stop retrying the moment anything has been relayed.
+
+Only the SDK's public surface is used (`anthropic.Timeout`, `DefaultAsyncHttpxClient`,
+`DEFAULT_CONNECTION_LIMITS`), never the HTTP library underneath it, which is the SDK's own
+business and changes with it.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
-import httpx2
 
 from ..chunks import Chunk, Stop, TextDelta, Usage
 from . import _errors
@@ -32,9 +35,9 @@ class AnthropicProvider:
             api_key=api_key or "missing-key",
             base_url=base_url,
             max_retries=0,
-            timeout=httpx2.Timeout(None, connect=connect_timeout_s),
+            timeout=anthropic.Timeout(None, connect=connect_timeout_s),
             http_client=anthropic.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(
+                limits=type(anthropic.DEFAULT_CONNECTION_LIMITS)(
                     max_connections=max_connections, max_keepalive_connections=100
                 ),
             ),
@@ -83,10 +86,14 @@ class AnthropicProvider:
             raise _status_error(exc) from exc
         except anthropic.APIConnectionError as exc:
             raise _errors.connection_error(f"cannot reach the provider: {exc.message}") from exc
-        except httpx2.TransportError as exc:
-            raise _errors.dropped_error() from exc
         except (ValueError, anthropic.APIResponseValidationError) as exc:
             raise _errors.protocol_error("the provider sent an unreadable event") from exc
+        except anthropic.AnthropicError:
+            raise
+        except Exception as exc:
+            # Once the response has started, the SDK lets its transport's errors through
+            # unwrapped (a reset, a truncated chunk): the stream dropped.
+            raise _errors.dropped_error() from exc
 
     async def ready(self) -> bool:
         return True
