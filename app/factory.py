@@ -14,12 +14,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 
-from . import reload
+from . import openapi, reload
 from .config import Config, load_config
 from .errors import exception_handlers
 from .logs import configure
+from .metrics import VERSION
 from .middleware import (
     AllowedHostsMiddleware,
     RequestContextMiddleware,
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             yield
 
     routes: list[BaseRoute] = [*streams.routes, *meta.routes, *admin.routes, *auth.routes(settings)]
+    paths = {getattr(r, "path", "") for r in routes}
+    routes.append(Route("/openapi.json", openapi.route(VERSION, paths), methods=["GET"]))
     templates = {
         getattr(r, "endpoint", getattr(r, "app", None)): getattr(r, "path", "") for r in routes
     }

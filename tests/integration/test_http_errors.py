@@ -229,3 +229,24 @@ async def test_dev_token_route_exists_only_without_a_key(
         _is_problem(bad, 422, "unknown_plan")
     finally:
         server.stop()
+
+
+async def test_openapi_document_describes_every_route(
+    relay: ServerThread, client: httpx.AsyncClient
+) -> None:
+    r = await client.get(relay.url + "/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    served = {
+        getattr(route, "path", "")
+        for route in relay.app.routes
+        if hasattr(route, "methods") and route.path not in ("/", "/openapi.json")
+    }
+    assert served <= set(doc["paths"])
+    body = doc["components"]["schemas"]["CompletionRequest"]
+    assert body["additionalProperties"] is False and "model" in body["required"]
+    post = doc["paths"]["/v1/streams"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/CompletionRequest"
+    )
