@@ -52,9 +52,11 @@ class StreamAccounting:
         if reservation is not None:
             await self._settle(stream_id, reservation, outcome)
 
-    async def _settle(self, stream_id: str, reservation: Reservation, outcome: Outcome) -> None:
+    async def _settle(self, stream_id: str, reservation: Reservation, outcome: Outcome) -> bool:
+        """False if this reservation was settled before (by the process that ran the
+        stream, before it died)."""
         try:
-            await self.limiter.settle(
+            return await self.limiter.settle(
                 reservation,
                 tokens=outcome.input_tokens + outcome.output_tokens,
                 cost_nano_usd=round(outcome.cost_usd * NANO_USD),
@@ -64,6 +66,7 @@ class StreamAccounting:
             # lease expires by itself.
             self.metrics.limiter_errors.inc()
             logger.error("stream %s: cannot settle usage: %s", stream_id, exc)
+            return True
 
     async def keep_leases(self) -> None:
         """Renew the concurrency leases of running streams until cancelled."""
@@ -84,14 +87,17 @@ class StreamAccounting:
         await self._record(route, info, outcome, generation)
 
     async def stream_lost(self, info: StreamInfo, outcome: Outcome) -> None:
-        """Runs once for a stream whose process died, in the process that ended it."""
+        """Runs once for a stream whose process died, in the process that ended it. A
+        process that died after settling (but before recording the stream's end) was
+        counted and recorded already: then only the end is written, nothing twice."""
         if info.billing:
             try:
                 reservation = Reservation.from_json(info.billing)
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("stream %s: unreadable reservation: %s", info.id, exc)
             else:
-                await self._settle(info.id, reservation, outcome)
+                if not await self._settle(info.id, reservation, outcome):
+                    return
         self.metrics.stream_finished("streams", info.plan, info.model, outcome, live=False)
         await self._record("streams", info, outcome, None)
 

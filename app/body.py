@@ -35,23 +35,33 @@ M = TypeVar("M", bound=BaseModel)
 MAX_DEPTH = 32
 """Deepest nesting any body may have; the deepest real one (a message list) is 3."""
 
-# A JSON string, unrolled so a long one is matched in one linear pass.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+# One left-to-right pass over the tokens that matter for nesting: whole strings (their
+# brackets do not count), brackets, and a quote that starts a string never closed. The
+# quantifiers are possessive, so an unterminated string is given up on at once instead of
+# being retried from every later quote (which made a 32 kB body take seconds).
+_TOKEN = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}]|"', re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def too_deep(raw: bytes, max_depth: int) -> bool:
-    """Whether `raw` nests arrays and objects deeper than `max_depth`: brackets counted
-    outside strings, in one pass, stopping at the first level too deep."""
+class _Unterminated(ValueError):
+    pass
+
+
+def too_deep(text: str, max_depth: int) -> bool:
+    """Whether `text` nests arrays and objects deeper than `max_depth`, counted in one
+    linear pass without recursion, stopping at the first level too deep. Raises
+    `_Unterminated` (a ValueError) for a string that never closes."""
     depth = 0
-    for match in _BRACKET.finditer(_STRING.sub(b'""', raw)):
-        if match.group() in (b"[", b"{"):
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
             depth += 1
             if depth > max_depth:
                 return True
-        else:
+        elif token in ("]", "}"):
             depth -= 1
+        elif token == '"':
+            raise _Unterminated("unterminated string")
     return False
 
 
@@ -85,18 +95,28 @@ def _has_surrogate(value: Any) -> bool:
 
 
 def parse_json(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
-    if too_deep(raw, max_depth):
+    try:
+        # UTF-8 only: `json.loads(bytes)` would also guess UTF-16 and UTF-32.
+        text = raw.decode("utf-8")
+        deep = too_deep(text, max_depth)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ProblemError("invalid_json", "the body is not valid JSON (UTF-8)") from exc
+    if deep:
         raise ProblemError("invalid_json", f"the body nests deeper than {max_depth} levels")
     try:
         value = json.loads(
-            raw,
+            text,
             object_pairs_hook=_unique,
             parse_float=_finite,
             parse_constant=_no_constants,
         )
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+    except (ValueError, RecursionError) as exc:
         raise ProblemError("invalid_json", "the body is not valid JSON") from exc
-    if _has_surrogate(value):
+    try:
+        surrogate = _has_surrogate(value)
+    except RecursionError as exc:  # cannot happen within MAX_DEPTH; never a 500 if it did
+        raise ProblemError("invalid_json", "the body nests too deep") from exc
+    if surrogate:
         raise ProblemError("invalid_json", "the body holds an unpaired UTF-16 surrogate")
     return value
 

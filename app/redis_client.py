@@ -144,7 +144,7 @@ class Breaker:
         if self._open_until is None:
             return
         now = self._clock()
-        if now < self._open_until:
+        if now < self._open_until or not getattr(connection, "may_probe", True):
             raise self._open_error()
         if self._probe is None or self._probe is connection or now >= self._probe_until:
             if self._probe is not connection:
@@ -223,8 +223,12 @@ class _BreakerHooks(AbstractConnection):
       reply, error replies included, is a success.
     """
 
-    def __init__(self, *, breaker: Breaker, **kwargs: Any) -> None:
+    def __init__(self, *, breaker: Breaker, may_probe: bool = True, **kwargs: Any) -> None:
+        """`may_probe=False`: a connection whose commands may legitimately wait (a
+        blocking XREAD) never becomes the probe: it would hold the probe slot while
+        Redis is fine, refusing everyone else. It waits for the breaker to close."""
         self.breaker = breaker
+        self.may_probe = may_probe
         super().__init__(**kwargs)
 
     async def connect_check_health(
@@ -402,7 +406,7 @@ def redis_clients(
     )
     tail = Redis(
         connection_pool=BreakerConnectionPool.from_url(
-            url, max_connections=1, socket_timeout=tail_timeout_s, **common
+            url, max_connections=1, socket_timeout=tail_timeout_s, may_probe=False, **common
         ),
         single_connection_client=True,
     )

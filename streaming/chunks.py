@@ -22,7 +22,9 @@ class TextDelta:
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts as reported by the provider; either side may be unknown (None)."""
+    """Token counts as reported by the provider; either side may be unknown (None). Any
+    `Usage`, even with both unknown, also says the provider accepted the request (from
+    then on it bills the prompt)."""
 
     input_tokens: int | None = None
     output_tokens: int | None = None

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 from ._exceptions import StreamingError, StreamLogError
 from ._tasks import cancel_and_wait
 from .events import Event, EventEncoder
-from .log import LogWriter, StreamInfo, StreamLog
+from .log import LogWriter, StreamInfo, StreamLog, StreamStatus
 from .pipeline import Generation, Outcome, Pricing
 from .providers.base import estimate_tokens
 
@@ -60,8 +60,9 @@ class StreamManager:
         self._on_lost = on_lost
         self._running: dict[str, asyncio.Task[None]] = {}
         self._reasons: dict[str, StopReason] = {}
-        self._finishing: set[asyncio.Future[None]] = set()
+        self._finishing: set[asyncio.Future[Any]] = set()
         self._supervisor: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> int:
@@ -69,11 +70,13 @@ class StreamManager:
 
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise(), name="stream-supervisor")
+        self._sweeper = asyncio.create_task(self._janitor(), name="stream-janitor")
 
     async def aclose(self) -> None:
         """Stop every local generation (each ends with a retryable `error` event)."""
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for task in (self._supervisor, self._sweeper):
+            if task is not None:
+                task.cancel()
         for stream_id in list(self._running):
             self._stop(stream_id, "shutdown")
         await cancel_and_wait(list(self._running.values()))
@@ -146,34 +149,49 @@ class StreamManager:
         """Write the end of a stream whose generating process died, and bill it for what
         its log shows it used: the deltas logged and the input estimate.
 
-        Exactly one process wins (`claim_end` appends only if the id is the next one);
-        the winner runs the `on_lost` hook. False if the stream is alive, already ended,
+        Exactly one process wins (`claim_end` checks and writes atomically that the
+        stream still runs, that nobody holds its lease, and that the end's id is the
+        next one); the winner runs the `on_lost` hook. The claim and the hook run in a
+        task of their own, so a caller cancelled meanwhile (a reader leaving) cannot
+        end a stream without settling it. False if the stream is alive, already ended,
         or someone else ended it first."""
+        if stream_id in self._running:
+            return False
+        task = asyncio.ensure_future(self._end_lost(stream_id))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        return await asyncio.shield(task)
+
+    async def _end_lost(self, stream_id: str) -> bool:
         info = await self.log.info(stream_id)
-        if info is None or info.status != "running" or stream_id in self._running:
+        if info is None or info.status != "running":
             return False
         events: list[Event] = []
         while batch := await self.log.read(stream_id, events[-1].id if events else 0, limit=5000):
             events.extend(batch)
         if events and events[-1].terminal:
-            return False
-        outcome = _logged_usage(info, events)
-        end = EventEncoder(events[-1].id if events else 0)(
-            "error",
-            {
-                "code": "stream_lost",
-                "message": "the stream stopped before it finished",
-                "retryable": True,
-                "usage": {
-                    "input_tokens": outcome.input_tokens,
-                    "output_tokens": outcome.output_tokens,
+            # It ended, but its process died before recording that (or settling it).
+            outcome = _terminal_usage(events[-1])
+            if not await self.log.claim_end(stream_id, None, outcome.status):
+                return False
+        else:
+            outcome = _logged_usage(info, events)
+            end = EventEncoder(events[-1].id if events else 0)(
+                "error",
+                {
+                    "code": "stream_lost",
+                    "message": "the stream stopped before it finished",
+                    "retryable": True,
+                    "usage": {
+                        "input_tokens": outcome.input_tokens,
+                        "output_tokens": outcome.output_tokens,
+                    },
+                    "cost_usd": outcome.cost_usd,
                 },
-                "cost_usd": outcome.cost_usd,
-            },
-        )
-        if not await self.log.claim_end(stream_id, end):
-            return False
-        logger.warning("stream %s: its process died; ended it as lost", stream_id)
+            )
+            if not await self.log.claim_end(stream_id, end, "lost"):
+                return False
+        logger.warning("stream %s: its process died; ended it as %s", stream_id, outcome.status)
         if self._on_lost is not None:
             try:
                 await self._on_lost(info, outcome)
@@ -181,21 +199,25 @@ class StreamManager:
                 logger.exception("stream %s: lost-stream hook failed", stream_id)
         return True
 
-    async def _sweep(self) -> None:
-        try:
-            for stream_id in await self.log.lost():
-                await self.end_lost(stream_id)
-        except StreamingError as exc:
-            logger.warning("cannot look for lost streams: %s", exc)
+    async def _janitor(self) -> None:
+        """Ends the streams of processes that died, even when nobody reads them. Its own
+        task, so a slow sweep never delays the lease renewals of this process's streams."""
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            try:
+                lost = await self.log.lost()
+            except StreamingError as exc:
+                logger.warning("cannot look for lost streams: %s", exc)
+                continue
+            for stream_id in lost:
+                try:
+                    await self.end_lost(stream_id)
+                except Exception:  # one broken stream must not stop the sweep
+                    logger.exception("stream %s: cannot end it as lost", stream_id)
 
     async def _supervise(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + self.sweep_s
         while True:
             await asyncio.sleep(self.tick_s)
-            if loop.time() >= next_sweep:
-                next_sweep = loop.time() + self.sweep_s
-                await self._sweep()
             if not self._running:
                 continue
             try:
@@ -235,4 +257,22 @@ def _logged_usage(info: StreamInfo, events: list[Event]) -> Outcome:
         input_tokens=input_tokens,
         output_tokens=output,
         cost_usd=pricing.cost(input_tokens, output),
+    )
+
+
+def _terminal_usage(event: Event) -> Outcome:
+    """How a stream ended, from its terminal event (which carries its usage)."""
+    data = event.json()
+    usage = data.get("usage") or {}
+    status: StreamStatus = "done"
+    if event.name == "error":
+        code = data.get("code")
+        status = code if code in ("cancelled", "orphaned", "shutdown") else "error"
+    return Outcome(
+        status=status,
+        stop_reason=data.get("stop_reason"),
+        error_code=data.get("code"),
+        input_tokens=int(usage.get("input_tokens", 0)),
+        output_tokens=int(usage.get("output_tokens", 0)),
+        cost_usd=float(data.get("cost_usd", 0.0)),
     )

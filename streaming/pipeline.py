@@ -166,6 +166,8 @@ class Meter:
         self.input_tokens = input_estimate
         self.input_reported = False
         """Whether the provider said how many input tokens it counted."""
+        self.accepted = False
+        """Whether the provider accepted the request (sent any usage, or any text)."""
         self.output_tokens = 0
         self.reported_output: int | None = None
         self.chars = 0
@@ -239,6 +241,7 @@ async def meter(
             else:
                 yield [delta]
         elif isinstance(item, Usage):
+            state.accepted = True
             if item.input_tokens is not None:
                 state.input_tokens = item.input_tokens
                 state.input_reported = True
@@ -402,11 +405,12 @@ class Generation:
     ) -> None:
         """Record how the stream ended, with what it consumed up to now.
 
-        A request the provider never answered (refused with 429 or 529 on every attempt,
-        cancelled before a token, unreachable) used nothing the provider bills for: with no
-        output and no input count from the provider, the input is not billed either."""
+        A request the provider never accepted (refused with 429 or 529 on every attempt,
+        unreachable, or cancelled before it answered) used nothing the provider bills
+        for, so its input is not billed either. Once accepted, the prompt is billed: the
+        provider's count, or else the estimate."""
         m, o = self.meter, self.outcome
-        if not m.input_reported and m.output_tokens == 0 and m.chars == 0:
+        if not m.accepted and m.chars == 0:
             m.input_tokens = 0
         o.status, o.stop_reason, o.error_code = status, stop_reason, error_code
         o.input_tokens, o.output_tokens, o.cost_usd = m.input_tokens, m.output_tokens, m.cost_usd

@@ -40,14 +40,17 @@ class UpstreamPolicy:
 
 
 async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]:
-    """Drop empty text, stop at the first `Stop`, and refuse a stream that just ends:
-    a provider that closes without saying it finished has truncated the answer."""
+    """Drop empty text and repeated empty usage (the first says "accepted"), stop at the
+    first `Stop`, and refuse a stream that just ends: a provider that closes without
+    saying it finished has truncated the answer."""
+    accepted = False
     async for chunk in chunks:
         if isinstance(chunk, TextDelta):
             if chunk.text:
                 yield chunk
         elif isinstance(chunk, Usage):
-            if chunk.input_tokens is not None or chunk.output_tokens is not None:
+            if chunk.input_tokens is not None or chunk.output_tokens is not None or not accepted:
+                accepted = True
                 yield chunk
         else:
             yield chunk
@@ -135,7 +138,6 @@ async def pump(
     attempt = 0
     while True:
         attempt += 1
-        held: list[Chunk] = []
         relayed = False
         last_text = 0.0
         if observer is not None:
@@ -157,11 +159,12 @@ async def pump(
                     # providers send at once must not turn it into the idle timeout.
                     watchdog.switch(policy.idle_timeout_s)
                     relayed = True
-                    for early in held:
-                        put(early)
                     put(chunk)
                 else:
-                    held.append(chunk)
+                    # Usage at once, text or not: an accepted request is billed its
+                    # prompt even if it ends before its first token. (A retried
+                    # attempt's count is replaced by the next attempt's.)
+                    put(chunk)
             return
         except asyncio.CancelledError:
             if not watchdog.fired:

@@ -134,10 +134,12 @@ class StreamLog(abc.ABC):
         """Events with id > `after`, waiting up to `block_s` for the first one."""
 
     @abc.abstractmethod
-    async def claim_end(self, stream_id: str, event: Event) -> bool:
-        """Append `event` as the stream's end, if its id is the next one, and mark the
-        stream `lost`. False (nothing written) if the stream moved on meanwhile: then
-        its generator is alive after all, and will write the next event itself."""
+    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
+        """End a stream whose generating process died, atomically: only if it is still
+        `running`, no process holds its lease, and `event` (its last word, when given)
+        has the next id. Records `status`, raises the cancel flag (a generator that was
+        only paused stops at its next renewal) and shortens the keys' life to `ttl_s`.
+        True only for the one call that ended it."""
 
     @abc.abstractmethod
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:

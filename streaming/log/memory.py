@@ -115,12 +115,17 @@ class MemoryStreamLog(StreamLog):
             start = bisect.bisect_right(entry.ids, after)
         return entry.events[start : start + limit]
 
-    async def claim_end(self, stream_id: str, event: Event) -> bool:
+    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
         entry = self._get(stream_id)
-        if entry is None or (entry.ids[-1] if entry.ids else 0) != event.id - 1:
+        now = self._clock()
+        if entry is None or entry.info.status != "running" or entry.lease_until > now:
             return False
-        await self.append(stream_id, [event])
-        await self.finish(stream_id, "lost")
+        if event is not None:
+            if (entry.ids[-1] if entry.ids else 0) != event.id - 1:
+                return False
+            await self.append(stream_id, [event])
+        entry.cancel = True
+        await self.finish(stream_id, status)
         return True
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:

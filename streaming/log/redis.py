@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from .._exceptions import StreamLogError
 from ..events import Event
@@ -34,6 +35,7 @@ from ._appender import Appender
 from ._tailer import Tailer
 from .base import Control, Liveness, StreamInfo, StreamLog, StreamStatus
 
+_FIELDS = frozenset(StreamInfo.__dataclass_fields__)
 _INT_FIELDS = ("max_tokens", "input_tokens")
 _FLOAT_FIELDS = ("created_at", "input_usd_per_mtok", "output_usd_per_mtok")
 
@@ -67,6 +69,9 @@ class RedisStreamLog(StreamLog):
         self._appender = Appender(client, self._queue_append)
         self._local: dict[str, _Local] = {}
         self._running = f"{prefix}running"
+        self._claim = client.register_script(
+            resources.files(__package__).joinpath("claim_end.lua").read_text()
+        )
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self._prefix}s:{{{stream_id}}}:{kind}"
@@ -94,6 +99,8 @@ class RedisStreamLog(StreamLog):
         if not raw:
             return None
         fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        # Fields a newer version added are dropped: replicas of two versions share a log.
+        fields = {k: v for k, v in fields.items() if k in _FIELDS}
         for name in _INT_FIELDS:
             if name in fields:
                 fields[name] = int(fields[name])
@@ -189,21 +196,18 @@ class RedisStreamLog(StreamLog):
             return await self.read(stream_id, after, limit=limit)
         return events[:limit]
 
-    async def claim_end(self, stream_id: str, event: Event) -> bool:
+    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
+        keys = [self._key(stream_id, k) for k in ("ev", "m", "ls", "cx", "rd")]
+        args: list[Any] = [status, self._ttl_ms, "", "", ""]
+        if event is not None:
+            args[2:] = [event.id, event.name, event.data]
         try:
-            # XADD with an explicit id fails when the stream already has that id or a
-            # later one: exactly the "moved on meanwhile" case.
-            await self._r.xadd(
-                self._key(stream_id, "ev"),
-                {"n": event.name, "d": event.data},
-                id=f"0-{event.id}",
-            )
-        except ResponseError:
-            return False
+            claimed = bool(await self._claim(keys=keys, args=args))
+            if claimed:
+                await self._r.zrem(self._running, stream_id)
         except RedisError as exc:
             raise StreamLogError(f"cannot end stream: {exc}") from exc
-        await self.finish(stream_id, "lost")
-        return True
+        return claimed
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         try:

@@ -72,6 +72,9 @@ class OpenAIProvider:
             ) as response:
                 if response.status != 200:
                     raise await _failed(response)
+                # Accepted: from here the provider bills the prompt, whatever happens
+                # next (its counts come only at the end, if the stream gets there).
+                yield Usage()
                 async for chunk in _parse(response):
                     yield chunk
         except HTTPError as exc:

@@ -284,3 +284,30 @@ async def test_declared_length_over_the_limit_is_refused_unread(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 413"), head
+
+
+async def test_escaped_quotes_cost_linear_time(
+    server: ServerThread, client: httpx.AsyncClient
+) -> None:
+    """An unterminated string of escaped quotes: the nesting check once retried it from
+    every quote (a 32 kB body took 3 s, a 1 MB one would have taken most of an hour,
+    with every stream on the process frozen)."""
+    body = b'"' + b'\\"' * 450_000
+    r = await client.post(
+        server.url + "/v1/streams",
+        content=body,
+        headers=_json_headers(**auth()),
+        timeout=30,
+    )
+    _problem(r, 400, "invalid_json")
+
+
+async def test_json_in_utf16_is_refused(server: ServerThread, client: httpx.AsyncClient) -> None:
+    """`json.loads(bytes)` would guess UTF-16, past a nesting check made for UTF-8."""
+    for body in ("[" * 700 + "]" * 700, '{"model":"sim-fast","prompt":"x"}'):
+        r = await client.post(
+            server.url + "/v1/auth/refresh",
+            content=body.encode("utf-16"),
+            headers=_json_headers(),
+        )
+        _problem(r, 400, "invalid_json")

@@ -332,3 +332,25 @@ async def test_a_request_the_provider_refused_costs_nothing(
     assert error["cost_usd"] == 0
     usage = await _settled(client, limited, headers, 0)
     assert usage["budget"]["spent_usd"] == 0
+
+
+async def test_a_request_the_provider_accepted_bills_its_prompt_even_without_text(
+    limited: ServerThread, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    """Refusals cost nothing, but a request the provider accepted (its `message_start`
+    counted the prompt) is billed that prompt even if the client leaves before the
+    first token: else "huge prompt, disconnect at once" would be free."""
+    headers = who("metered")
+    upstream.app.push_faults([{"ttft_ms": 5000}])
+    prompt = "accepted " * 400
+    async with client.stream(
+        "POST",
+        limited.url + "/v1/chat/stream",
+        json={"model": "claude", "prompt": prompt, "max_tokens": 50},
+        headers=headers,
+    ) as response:
+        items = sse_events(response)  # kept open: the client leaves only after 0.5 s
+        assert (await collect(items, stop_after=1)).names == ["start"]
+        await asyncio.sleep(0.5)
+    counted = len(prompt) // 4  # the fake provider's count
+    await _settled(client, limited, headers, counted)

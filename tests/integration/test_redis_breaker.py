@@ -268,8 +268,13 @@ async def test_a_timeout_on_the_tail_is_a_failure_too(server: RedisServer) -> No
             assert breaker.state == "open"
             outcome, elapsed = await timed(client.get("k"))  # shared breaker
             assert isinstance(outcome, CircuitOpenError) and elapsed < FAST_S
-        await time_to_success(lambda: tail.xread({"s": "0-0"}, block=100))
+        # The tail never probes (a blocking read would hold the probe slot while Redis
+        # is fine): an ordinary command closes the breaker, then the tail reads again.
+        refused, _ = await timed(tail.xread({"s": "0-0"}, block=100))
+        assert isinstance(refused, CircuitOpenError)
+        await time_to_success(lambda: client.get("k"))
         assert breaker.state == "closed"
+        await tail.xread({"s": "0-0"}, block=100)
     finally:
         await client.aclose()
         await tail.aclose()

@@ -54,8 +54,8 @@ class TwoProcesses(StreamLog):
     ) -> list[Event]:
         return await self.reader.read(stream_id, after, block_s=block_s, limit=limit)
 
-    async def claim_end(self, stream_id: str, event: Event) -> bool:
-        return await self.reader.claim_end(stream_id, event)
+    async def claim_end(self, stream_id: str, event: Event | None, status: Any) -> bool:
+        return await self.reader.claim_end(stream_id, event, status)
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Any:
         return await self.reader.touch_reader(stream_id, grace_s)
@@ -279,15 +279,34 @@ async def test_a_reader_joining_later_is_not_held_behind_another(log: StreamLog)
 
 async def test_claim_end_only_when_nothing_came_after(log: StreamLog) -> None:
     info = _info()
-    await log.create(info, reader_grace_s=5, lease_s=5)
+    await log.create(info, reader_grace_s=5, lease_s=0.2)
     await log.append(info.id, _events(3))
-    late = EventEncoder(2)("error", {"code": "stream_lost"})  # id 3: taken already
-    assert not await log.claim_end(info.id, late)
     end = EventEncoder(3)("error", {"code": "stream_lost"})
-    assert await log.claim_end(info.id, end)
+    assert not await log.claim_end(info.id, end, "lost")  # its lease still holds
+    await asyncio.sleep(0.3)
+    late = EventEncoder(2)("error", {"code": "stream_lost"})  # id 3: taken already
+    assert not await log.claim_end(info.id, late, "lost")
+    assert await log.claim_end(info.id, end, "lost")
+    assert not await log.claim_end(info.id, EventEncoder(4)("error", {}), "lost")  # once
     assert (await log.read(info.id, 3)) == [end]
     stored = await log.info(info.id)
     assert stored is not None and stored.status == "lost"
+    # A generator that was only paused learns it must stop at its next renewal.
+    assert (await log.renew([info.id], 5))[info.id].cancel_requested
+
+
+async def test_claim_end_of_a_stream_that_ended_unrecorded(log: StreamLog) -> None:
+    """The process died after writing the terminal event but before recording the end:
+    the end is recorded from the terminal event, nothing appended."""
+    info = _info()
+    await log.create(info, reader_grace_s=5, lease_s=0.2)
+    done = EventEncoder(1)("done", {"usage": {"input_tokens": 1, "output_tokens": 2}})
+    await log.append(info.id, [*_events(1), done])
+    await asyncio.sleep(0.3)
+    assert await log.claim_end(info.id, None, "done")
+    stored = await log.info(info.id)
+    assert stored is not None and stored.status == "done"
+    assert [e.id for e in await log.read(info.id, 0)] == [1, 2]
 
 
 async def test_a_waiter_behind_the_covered_id_gets_everything(redis_url: str) -> None:

@@ -187,8 +187,9 @@ async def test_pump_retries_before_anything_is_relayed() -> None:
     )
     out = await _pump(provider)
     assert provider.calls == 2
-    # The held usage of the failed attempt is gone; the successful attempt's is relayed.
-    assert out == [Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")]
+    # Usage is relayed at once, each attempt's (an accepted request bills its prompt even
+    # if it ends before its first token); the meter keeps the latest count.
+    assert out == [Usage(input_tokens=5), Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")]
 
 
 async def test_pump_never_retries_after_text_was_relayed() -> None:
