@@ -60,3 +60,11 @@ def configure(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
     # uvicorn's own access log would repeat ours, with the query string (tickets) in it.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(_dropped_on_purpose)
+
+
+def _dropped_on_purpose(record: logging.LogRecord) -> bool:
+    """An SSE response that drops a client too slow to read ends without its final
+    chunk, which is how it makes uvicorn close the connection; uvicorn logs that as an
+    error. The response logs the drop itself, once, as what it is."""
+    return record.getMessage() != "ASGI callable returned without completing response."

@@ -43,7 +43,11 @@ def same_origin(request: Request, services: Services) -> bool:
         return True  # not a cross-site browser request (those always send Origin)
     if origin in services.settings.cors_origin_list:
         return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[": not a URL, so not this server's
+        return False
+    return netloc == request.headers.get("host", "")
 
 
 def require_same_origin(request: Request, services: Services) -> None:

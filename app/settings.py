@@ -113,6 +113,27 @@ class Settings(BaseSettings):
     upstream_backoff_base_s: float = Field(default=0.25, ge=0)
     upstream_backoff_max_s: float = Field(default=8, ge=0)
 
+    send_timeout_s: float = Field(default=30, gt=0)
+    """A reader whose connection has not drained for this long is disconnected (on the
+    direct route that cancels upstream; a resumable stream goes on for its other
+    readers, and this one may resume)."""
+    send_buffer_bytes: int = Field(default=1_048_576, ge=16_384)
+    """The most a stream may hold for one slow connection (events produced but not yet
+    written); past it, the producer waits, and upstream reading with it."""
+    header_timeout_s: float = Field(default=10, gt=0)
+    """A connection that has not sent a whole request head in this long is closed."""
+    body_timeout_s: float = Field(default=30, gt=0)
+    """A request body that stalls (no byte for this long) ends the request."""
+    max_header_bytes: int = Field(default=32_768, ge=1024)
+    """The largest request head (request line and headers) accepted; larger: 431."""
+    max_connections: int = Field(default=0, ge=0)
+    """Open connections one process accepts (0: derived from the open-file limit, leaving
+    room for upstream and Redis connections); past it, new ones are refused at once."""
+    keepalive_timeout_s: float = Field(default=5, gt=0)
+    """How long an idle keep-alive connection is kept open."""
+    max_idle_connections: int = Field(default=1000, ge=1)
+    """Idle keep-alive connections kept per process; past it the oldest idle are closed."""
+
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_messages: int = Field(default=200, ge=1)
     max_content_chars: int = Field(default=400_000, ge=1)

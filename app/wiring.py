@@ -69,6 +69,7 @@ def pipeline_options(settings: Settings) -> PipelineOptions:
         coalesce_window_s=settings.coalesce_ms / 1000,
         coalesce_max_chars=settings.coalesce_max_chars,
         progress_interval_s=settings.progress_interval_ms / 1000,
+        buffer_bytes=settings.send_buffer_bytes,
         upstream=UpstreamPolicy(
             first_token_timeout_s=settings.upstream_first_token_timeout_s,
             idle_timeout_s=settings.upstream_idle_timeout_s,
@@ -85,6 +86,8 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
     metrics = Metrics()
     stack.callback(metrics.close)
     plans = PlansHolder(config)
+    metrics.prime(config)  # every series at zero before its first increment
+    plans.on_apply(metrics.prime)
     breaker: Breaker | None = None
     log: StreamLog
     limiter: Limiter

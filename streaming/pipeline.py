@@ -30,26 +30,52 @@ Item = TextDelta | Usage | Stop
 T = TypeVar("T")
 
 
+_ITEM_BYTES = 120
+"""What a `TextDelta` costs besides its characters: the object, its string's header,
+the list slot (measured with sys.getsizeof on CPython 3.11)."""
+
+
 class Mailbox(Generic[T]):
-    """An unbounded queue with one consumer: what `asyncio.Queue` does here, in a tenth
-    of its memory (a list, where the queue has three deques). There is one per open
-    stream."""
+    """A queue with one consumer: what `asyncio.Queue` does here, in a tenth of its
+    memory (a list, where the queue has three deques). There is one per open stream.
 
-    __slots__ = ("_items", "_head", "_waiter")
+    `limit` bounds the memory its text holds (bytes, estimated: each `TextDelta` costs
+    its characters plus the objects around them; 0: unbounded): a producer that finds
+    it `full()` awaits `space()`, which returns once the consumer has taken it below
+    half. That is how a client that stops reading stops the reading
+    of the provider, instead of the provider's whole answer piling up in memory."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_items", "_head", "_waiter", "_size", "_limit", "_space")
+
+    def __init__(self, limit: int = 0) -> None:
         self._items: list[T] = []
         self._head = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._size = 0
+        self._limit = limit
+        self._space: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: T) -> None:
         self._items.append(item)
+        if self._limit and isinstance(item, TextDelta):
+            self._size += len(item.text) + _ITEM_BYTES
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def empty(self) -> bool:
         return self._head == len(self._items)
+
+    def full(self) -> bool:
+        return bool(self._limit) and self._size >= self._limit
+
+    async def space(self) -> None:
+        while self.full():
+            self._space = asyncio.get_running_loop().create_future()
+            try:
+                await self._space
+            finally:
+                self._space = None
 
     async def get(self) -> T:
         while self._head == len(self._items):
@@ -67,6 +93,11 @@ class Mailbox(Generic[T]):
         elif self._head >= 1024 and self._head * 2 >= len(items):
             del items[: self._head]  # a consumer that never quite catches up
             self._head = 0
+        if self._limit and isinstance(item, TextDelta):
+            self._size -= len(item.text) + _ITEM_BYTES
+            space = self._space
+            if space is not None and self._size * 2 < self._limit and not space.done():
+                space.set_result(None)
         return item
 
 
@@ -86,6 +117,10 @@ class PipelineOptions:
     coalesce_max_chars: int = 2048
     progress_interval_s: float = 0.25
     upstream: UpstreamPolicy = field(default_factory=UpstreamPolicy)
+    buffer_bytes: int = 1_048_576
+    """The most memory one stream's text may hold between the provider and its
+    consumer; past it, the provider is read no further until the consumer catches up
+    (0: unbounded)."""
 
 
 async def coalesce(
@@ -219,10 +254,14 @@ class Meter:
 
 
 async def meter(
-    items: AsyncIterator[Item], state: Meter, clock: Callable[[], float]
+    items: AsyncIterator[Item],
+    state: Meter,
+    clock: Callable[[], float],
+    observer: UpstreamObserver | None = None,
 ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
     """Turn text and usage into `delta` and (rate-limited) `progress` events; on `Stop`,
-    one last `progress` at 100 % and `done` with the provider's usage.
+    one last `progress` at 100 % and `done` with the provider's usage. The first text
+    is reported to `observer` (time to first token) before its `delta` is yielded.
 
     Events are yielded in groups, one group per item, so that what is produced together
     can be written to the client together (one socket write, not one per event)."""
@@ -231,6 +270,8 @@ async def meter(
             now = clock()
             if state.first_token_at is None:
                 state.first_token_at = now
+                if observer is not None:
+                    observer.first_token(now - state.started)
             index = state.chars
             state.chars += len(item.text)
             state.output_tokens += item.tokens
@@ -334,12 +375,12 @@ class Generation:
         once makes one write where it would make two or three."""
         encode = self.encode
         yield [encode("start", self.start_data)]
-        queue: Mailbox[Chunk | BaseException] = Mailbox()
+        queue: Mailbox[Chunk | BaseException] = Mailbox(self.options.buffer_bytes)
         task = asyncio.create_task(self._pump(queue))
         try:
             items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
             parts = self.parts
-            async for group in meter(items, self.meter, self.clock):
+            async for group in meter(items, self.meter, self.clock, self.observer):
                 batch = []
                 for name, data in group:
                     if parts is not None and name == "delta":
@@ -372,6 +413,8 @@ class Generation:
                 queue.put_nowait,
                 on_retry=count_retry,
                 observer=self.observer,
+                full=queue.full,
+                space=queue.space,
             )
         except Exception as exc:  # a bug in a provider must still end the stream visibly
             queue.put_nowait(exc)

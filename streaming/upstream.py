@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,7 +70,7 @@ class _Watchdog:
     when it fires, re-arms itself at the last activity plus the limit instead of being
     rescheduled on every chunk. When it expires it cancels the reading task."""
 
-    __slots__ = ("_loop", "_task", "_handle", "last", "limit", "fired")
+    __slots__ = ("_loop", "_task", "_handle", "last", "limit", "fired", "held")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
         self._loop = loop
@@ -78,6 +78,8 @@ class _Watchdog:
         self.last = loop.time()
         self.limit = limit
         self.fired = False
+        self.held = False
+        """Waiting on our own consumer, not the provider: the timeout does not run."""
         self._handle: asyncio.TimerHandle | None = loop.call_at(self.last + limit, self._check)
 
     def active(self) -> None:
@@ -93,6 +95,8 @@ class _Watchdog:
 
     def _check(self) -> None:
         due = self.last + self.limit
+        if self.held:
+            due = self._loop.time() + self.limit
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
             return
@@ -118,6 +122,10 @@ class UpstreamObserver(Protocol):
     def gap(self, seconds: float) -> None:
         """Time between two consecutive text chunks from the provider."""
 
+    def first_token(self, seconds: float) -> None:
+        """Time from the request to its first text, once per stream, as that text goes
+        out (called by the pipeline's `meter`, not by `pump`)."""
+
 
 async def pump(
     provider: Provider,
@@ -127,12 +135,16 @@ async def pump(
     *,
     on_retry: Callable[[UpstreamError, int], None] | None = None,
     observer: UpstreamObserver | None = None,
+    full: Callable[[], bool] | None = None,
+    space: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Read the provider into `put` until it stops, with retries and read timeouts.
 
     Every chunk ends up in `put`, followed by nothing after a `Stop`, or by the
     exception that ended the stream. `put` must not block: the timeouts here bound only
-    time spent waiting on the provider, never time spent by whoever consumes.
+    time spent waiting on the provider, never time spent by whoever consumes. When
+    `full()` says the consumer is far behind, reading waits for `space()` (the provider's
+    connection then fills up and it pauses too), with the timeouts held meanwhile.
     """
     loop = asyncio.get_running_loop()
     attempt = 0
@@ -154,6 +166,11 @@ async def pump(
                 if relayed:
                     watchdog.active()
                     put(chunk)
+                    if full is not None and space is not None and full():
+                        watchdog.held = True
+                        await space()
+                        watchdog.held = False
+                        watchdog.active()
                 elif isinstance(chunk, TextDelta | Stop):
                     # Only text ends the wait for the first token: usage that some
                     # providers send at once must not turn it into the idle timeout.

@@ -41,14 +41,14 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent | str]:
     fields: dict[str, str] = {}
     async for line in response.aiter_lines():
         if line == "":
+            if "retry" in fields:  # alone, or (as sserelay sends it) with the first event
+                yield f"retry:{fields['retry']}"
             if "data" in fields:
                 yield SSEEvent(
                     int(fields["id"]) if "id" in fields else None,
                     fields.get("event", "message"),
                     json.loads(fields["data"]),
                 )
-            elif "retry" in fields:
-                yield f"retry:{fields['retry']}"
             fields = {}
         elif line.startswith(":"):
             yield line[1:].strip()

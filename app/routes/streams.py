@@ -159,6 +159,7 @@ async def stream_events(request: Request) -> Response | SSEResponse:
         grace_s=services.settings.orphan_grace_s,
         end_lost=services.manager.end_lost,
     )
+    grace = services.settings.orphan_grace_s
     return SSEResponse(
         _frames(events, services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
@@ -166,7 +167,29 @@ async def stream_events(request: Request) -> Response | SSEResponse:
         stop=services.drain.stopping,
         stop_frame=lambda: RECONNECT,
         open_responses=services.drain.open_responses,
+        send_timeout_s=services.settings.send_timeout_s,
+        on_stall=_keep_attached(services, stream_id, grace),
+        stall_tick_s=grace / 3,
     )
+
+
+def _keep_attached(services: Services, stream_id: str, grace_s: float) -> Callable[[], None]:
+    """A reader whose connection drains slowly is still a reader: while its writes are
+    stalled (up to the send timeout) it keeps the stream from being cancelled as
+    orphaned, as reading would."""
+    touching: set[asyncio.Task[Any]] = set()
+
+    def done(task: asyncio.Task[Any]) -> None:
+        touching.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("cannot mark a slow reader attached: %s", task.exception())
+
+    def touch() -> None:
+        task = asyncio.ensure_future(services.log.touch_reader(stream_id, grace_s))
+        touching.add(task)
+        task.add_done_callback(done)
+
+    return touch
 
 
 async def stream_status(request: Request) -> Response:
@@ -245,6 +268,7 @@ async def chat_stream(request: Request) -> SSEResponse:
         stop=drain.stopping,
         stop_frame=shutdown,
         open_responses=drain.open_responses,
+        send_timeout_s=services.settings.send_timeout_s,
     )
 
 

@@ -288,3 +288,49 @@ async def test_mailbox_keeps_order_across_waits_and_compaction() -> None:
     while not box.empty():
         got.append(await box.get())
     assert got == list(range(sent))
+
+
+class Endless:
+    """A provider as fast as memory: text until cancelled, counting what it produced."""
+
+    name = "endless"
+
+    def __init__(self) -> None:
+        self.produced = 0
+
+    def expected_output_tokens(self, request: GenerationRequest) -> int | None:
+        return None
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Any]:
+        while True:
+            self.produced += 1
+            yield TextDelta("word ", 1)
+            if self.produced % 100 == 0:
+                await asyncio.sleep(0)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_consumer_that_stops_reading_stops_the_provider_being_read() -> None:
+    """The mailbox between provider and consumer is bounded: once full, the pump waits
+    (its idle timeout held), so an unread stream holds a bounded amount of memory."""
+    box: Mailbox[Any] = Mailbox(limit=100_000)
+    provider = Endless()
+    policy = UpstreamPolicy(first_token_timeout_s=0.05, idle_timeout_s=0.05)
+    task = asyncio.create_task(
+        pump(provider, REQUEST, policy, box.put_nowait, full=box.full, space=box.space)
+    )
+    await asyncio.sleep(0.3)  # several idle timeouts: none fires while held
+    assert not task.done()
+    held = provider.produced
+    assert 100_000 / (5 + 120) <= held < 2 * 100_000 / (5 + 120)
+    for _ in range(held // 2 + 10):  # the consumer catches up: reading resumes
+        await box.get()
+    await asyncio.sleep(0.05)
+    assert provider.produced > held
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
