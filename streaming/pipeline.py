@@ -178,6 +178,13 @@ async def coalesce(
             return
 
 
+def utf16_len(text: str) -> int:
+    """Length in UTF-16 code units, as JavaScript counts (`"😀".length == 2`): browsers are
+    the primary clients, so `delta.index` counts what they count. (Python clients:
+    `len(s.encode("utf-16-le")) // 2`.)"""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) >> 1
+
+
 class Meter:
     """Running counts for one stream: what it has cost so far, and what it will cost.
 
@@ -273,7 +280,7 @@ async def meter(
                 if observer is not None:
                     observer.first_token(now - state.started)
             index = state.chars
-            state.chars += len(item.text)
+            state.chars += utf16_len(item.text)
             state.output_tokens += item.tokens
             delta = ("delta", {"text": item.text, "index": index})
             if now >= state.next_progress:

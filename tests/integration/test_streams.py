@@ -4,6 +4,7 @@ cancellation, orphans, upstream faults."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -56,12 +57,13 @@ def check_contract(events: Collected, *, max_tokens: int) -> None:
     assert percents == sorted(percents) and percents[-1] == 100
     done = events.last("done")
     assert set(done) >= {"stop_reason", "usage", "cost_usd", "ttft_ms", "duration_ms"}
-    # delta indices are character offsets: no gap, no overlap
+    # delta indices are offsets in UTF-16 code units, as JavaScript counts: no gap,
+    # no overlap (an emoji counts two)
     offset = 0
     for e in events.events:
         if e.event == "delta":
             assert e.data["index"] == offset
-            offset += len(e.data["text"])
+            offset += len(e.data["text"].encode("utf-16-le")) // 2
 
 
 async def test_simulated_stream_full_event_order(
@@ -292,3 +294,27 @@ async def test_polling_keeps_a_stream_alive(
         assert status["status"] == "done" and status["text"] == expected_text(60)
     finally:
         server.stop()
+
+
+async def test_delta_index_counts_utf16_code_units(
+    relay: ServerThread, client: httpx.AsyncClient
+) -> None:
+    """The fake provider's words include an emoji outside the BMP: a browser, whose
+    strings count UTF-16 code units, must see no false gap after it."""
+    r = await client.post(
+        relay.url + "/v1/chat/stream",
+        json={"model": "gpt", "prompt": "emoji", "max_tokens": 40},
+        headers=auth(),
+    )
+    deltas = [
+        json.loads(line[6:])
+        for line in r.text.splitlines()
+        if line.startswith("data: {\"text\"")
+    ]
+    text = "".join(d["text"] for d in deltas)
+    assert any(ord(c) > 0xFFFF for c in text), "the fake provider sent no emoji"
+    js_length = 0
+    for d in deltas:
+        assert d["index"] == js_length
+        js_length += len(d["text"].encode("utf-16-le")) // 2
+    assert js_length > len(text)
