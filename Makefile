@@ -1,35 +1,45 @@
-# The README's commands. `make run` and `make test` install what they need first.
+# The README's commands. Each installs what it needs first: `make run` only what
+# serving needs, `make test` and `make lint` the dev extra too.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed-dev
+SERVE   = $(VENV)/.installed-serve
+DEV     = $(VENV)/.installed-dev
 
 .PHONY: install run test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(BIN)/pip install --progress-bar on --upgrade pip
 
-install: $(STAMP)
+$(SERVE): pyproject.toml | $(BIN)/python
+	@echo "installing sserelay into $(VENV) (first run only)"
+	$(BIN)/pip install --progress-bar on -e .
+	touch $(SERVE)
 
-run: $(STAMP)
+$(DEV): pyproject.toml | $(BIN)/python
+	@echo "installing sserelay and its dev tools into $(VENV)"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
+	touch $(SERVE) $(DEV)
+
+install: $(DEV)
+
+run: $(SERVE)
 	$(BIN)/sserelay serve
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-$(VENV)/.installed-bench: $(STAMP)
+$(VENV)/.installed-bench: $(DEV)
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	touch $@
 

@@ -6,6 +6,8 @@ module reads the environment on its own.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -142,6 +144,16 @@ class Settings(BaseSettings):
     """Development mode (no key: anyone may mint tokens) is refused unless bound to
     loopback without Redis, or allowed explicitly here."""
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss:// or unix:// "
+                f"(e.g. redis://{value.split('://')[-1]})"
+            )
+        return value
+
     @field_validator("jwt_secret", "auth_client_secret", "ticket_secret")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -189,3 +201,17 @@ class Settings(BaseSettings):
         if not self.cors_origins:
             return []
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per `SSERELAY_*` variable no setting reads (a typo leaves its setting at
+    the default, e.g. a misspelled key starting development mode), with the closest
+    known name."""
+    known = {name.upper() for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith("SSERELAY_") and name[9:] not in known:
+            close = difflib.get_close_matches(name[9:], known, n=1, cutoff=0.8)
+            hint = f"; did you mean SSERELAY_{close[0]}?" if close else ""
+            lines.append(f"unknown setting {name} is ignored{hint}")
+    return lines
