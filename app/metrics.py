@@ -3,6 +3,11 @@
 Names: `sserelay_` prefix, base units, `_total` counters, no per-user labels. Per-token
 paths never look labels up: a stream binds its label children once (`for_stream`).
 
+Every series a configured plan or model can produce exists at zero from startup
+(`prime`, again after each plan reload). `rate()` and `increase()` only count what grew
+between two samples of a series: one born holding its first increment (the first
+stream's tokens, say) reads as no increase at all.
+
 With several worker processes (`sserelay serve --workers N`), the CLI sets
 `PROMETHEUS_MULTIPROC_DIR` before any worker starts: every worker writes its values
 there, `/metrics` on any worker shows the sum, gauges count only live workers, and a
@@ -16,6 +21,7 @@ import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as mp
@@ -23,6 +29,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ratelimit import Decision
 from streaming import Outcome
+from streaming.log import STREAM_STATUSES
+
+if TYPE_CHECKING:
+    from .config import Config
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 VERSION = "0.1.0"
@@ -31,6 +41,42 @@ _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30
 _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _EVENTS = ("start", "delta", "progress", "done", "error")
+
+# What `prime` creates children for. Values outside these lists (a new error code, say)
+# still work: their series just appear with their first increment.
+ROUTES = ("streams", "chat")
+OUTCOMES = tuple(status for status in STREAM_STATUSES if status != "running")
+_DIRECTIONS = ("input", "output")
+_UPSTREAM_KINDS = (
+    "upstream_auth_failed",
+    "upstream_dropped",
+    "upstream_overloaded",
+    "upstream_protocol_error",
+    "upstream_rate_limited",
+    "upstream_rejected",
+    "upstream_timeout",
+    "upstream_unavailable",
+    "upstream_unreachable",
+)
+_AUTH_REASONS = (
+    "missing_credentials",
+    "invalid_token",
+    "token_expired",
+    "unknown_key",
+    "unknown_plan",
+    "insufficient_scope",
+    "forbidden",
+    "invalid_ticket",
+    "ticket_expired",
+    "cross_origin_rejected",
+    "invalid_client",
+    "invalid_refresh_token",
+    "refresh_token_reused",
+    "refresh_token_revoked",
+    "refresh_conflict",
+    "auth_store_unavailable",
+)
+_RATINGS = ("up", "down", "1", "2", "3", "4", "5")
 
 
 def multiprocess_dir() -> str | None:
@@ -58,6 +104,7 @@ class StreamMetrics:
 
     requests: Counter
     gaps: Histogram
+    ttft: Histogram
     errors: Counter
     provider: str
     model: str
@@ -70,6 +117,11 @@ class StreamMetrics:
 
     def gap(self, seconds: float) -> None:
         self.gaps.observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        """Observed as the first text is relayed, not when the stream ends: a long
+        stream's time to first token is on the dashboard at once."""
+        self.ttft.observe(seconds)
 
 
 class Metrics:
@@ -180,10 +232,50 @@ class Metrics:
         )
         self.build.labels(VERSION, platform.python_version()).set(1)
 
+    def prime(self, config: Config) -> None:
+        """Create, at zero, the label children of everything `config` makes possible:
+        each plan with each model it allows, on both stream routes, with every way a
+        stream can end; each model with its provider; each plan's limits. Idempotent:
+        called at startup and after every plan reload (new plans and models get their
+        children; those of removed ones stay until the process restarts)."""
+        for model, spec in config.models.items():
+            self.ttft.labels(model)
+            self.gaps.labels(model)
+            self.upstream_retries.labels(model)
+            self.upstream_requests.labels(spec.provider, model)
+            for kind in _UPSTREAM_KINDS:
+                self.upstream_errors.labels(spec.provider, model, kind)
+            for outcome in OUTCOMES:
+                self.duration.labels(model, outcome)
+        for route in ROUTES:
+            self.streams_active.labels(route)
+        for name, plan in config.plans.items():
+            self.limiter_decisions.labels(name, "all", "allowed")
+            limits = [window.name for window in plan.windows()]
+            if plan.concurrent_streams is not None:
+                limits.append("concurrent_streams")
+            for limit in limits:
+                self.limiter_decisions.labels(name, limit, "refused")
+            for model in config.models:
+                if not plan.allows_model(model):
+                    continue
+                self.cost.labels(name, model)
+                for direction in _DIRECTIONS:
+                    self.tokens.labels(name, model, direction)
+                for route in ROUTES:
+                    self.streams_started.labels(route, name, model)
+                    for outcome in OUTCOMES:
+                        self.streams_finished.labels(route, name, model, outcome)
+        for reason in _AUTH_REASONS:
+            self.auth_failures.labels(reason)
+        for rating in _RATINGS:
+            self.feedback.labels(rating)
+
     def for_stream(self, provider: str, model: str) -> StreamMetrics:
         return StreamMetrics(
             self.upstream_requests.labels(provider, model),
             self.gaps.labels(model),
+            self.ttft.labels(model),
             self.upstream_errors,
             provider,
             model,
@@ -201,12 +293,11 @@ class Metrics:
         self, route: str, plan: str, model: str, outcome: Outcome, *, live: bool = True
     ) -> None:
         """`live`: the stream ran in this process (a lost one, ended here for a process
-        that died, was never counted active here)."""
+        that died, was never counted active here). Time to first token is not here: the
+        stream observed it when its first text went out (`StreamMetrics.first_token`)."""
         if live:
             self.streams_active.labels(route).dec()
         self.streams_finished.labels(route, plan, model, outcome.status).inc()
-        if outcome.ttft_ms is not None:
-            self.ttft.labels(model).observe(outcome.ttft_ms / 1000)
         self.duration.labels(model, outcome.status).observe(outcome.duration_ms / 1000)
         self.tokens.labels(plan, model, "input").inc(outcome.input_tokens)
         self.tokens.labels(plan, model, "output").inc(outcome.output_tokens)

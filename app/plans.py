@@ -8,14 +8,22 @@ call `current` each time, so a swap takes effect at once and nobody keeps a stal
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Callable, Collection
 
 from .config import Config
+
+logger = logging.getLogger("sserelay.config")
 
 
 class PlansHolder:
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._listeners: list[Callable[[Config], None]] = []
+
+    def on_apply(self, listener: Callable[[Config], None]) -> None:
+        """Call `listener` with the config in force after every reload."""
+        self._listeners.append(listener)
 
     @property
     def current(self) -> Config:
@@ -36,3 +44,8 @@ class PlansHolder:
                 "default_plan": loaded.default_plan,
             }
         )
+        for listener in self._listeners:
+            try:
+                listener(self._config)
+            except Exception:  # the new plans are in force: a listener cannot undo that
+                logger.exception("after reloading plans")

@@ -1,5 +1,7 @@
-"""Metrics that a real Prometheus scrapes, promtool's checks, several workers summed in
-one scrape, request records and feedback through both stores, and their export."""
+"""Metrics that a real Prometheus scrapes (and whose first increments `increase()`
+sees), promtool's checks, several workers summed in one scrape, time to first token
+while a stream runs, request records and feedback through both stores, and their
+export."""
 
 from __future__ import annotations
 
@@ -12,19 +14,21 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from app.records import MemoryRecordStore, RecordStore, RedisRecordStore
 from testkit.fake_upstream import FakeUpstreamServer
 from testkit.servers import ServerProcess, ServerThread, free_port, wait_http
-from testkit.sse import collect
-from tests.support import ROOT, SECRET, auth, relay_settings
+from testkit.sse import collect, sse_events
+from tests.support import ROOT, SECRET, auth, relay_settings, write_config
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -135,6 +139,216 @@ async def test_a_real_prometheus_scrapes_the_counters(
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@asynccontextmanager
+async def _prometheus(
+    tmp_path: Path, target_port: int, client: httpx.AsyncClient
+) -> AsyncIterator[Callable[[str], Awaitable[float | None]]]:
+    """A real Prometheus scraping one sserelay every 500 ms; yields `query(expr)`: the
+    value of an instant query (None when it has no result)."""
+    assert PROMETHEUS, "prometheus is needed: apt-get install -y prometheus"
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 500ms, scrape_timeout: 400ms}\n"
+        "scrape_configs:\n"
+        f"  - job_name: sserelay\n    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def query(expr: str) -> float | None:
+        r = await client.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr})
+        result = r.json()["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}", "/-/ready", 30.0)
+        yield query
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+async def _until(
+    query: Callable[[str], Awaitable[float | None]],
+    expr: str,
+    ok: Callable[[float | None], bool],
+    timeout_s: float = 20.0,
+) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    value = await query(expr)
+    while not ok(value) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        value = await query(expr)
+    assert ok(value), f"{expr} = {value}"
+    return value
+
+
+@needs_prometheus
+async def test_increase_counts_the_first_streams_of_a_fresh_process(
+    tmp_path: Path, config_path: Path, client: httpx.AsyncClient
+) -> None:
+    """rate() and increase() count what grew between two samples: a series that first
+    appears already holding its first stream's tokens reads as no increase at all. So a
+    fresh process, scraped before any stream, then streaming: increase() must see it."""
+    server = ServerThread(relay_settings(config_path))
+    try:
+        async with _prometheus(tmp_path, server.port, client) as query:
+            up = 'max(timestamp(up{job="sserelay"}))'
+            # Scraped (successfully) at least once before any stream.
+            await _until(query, 'up{job="sserelay"}', lambda v: v == 1)
+            tokens = cost = 0.0
+            streams = 4
+            for _ in range(streams):
+                async with client.stream(
+                    "POST",
+                    server.url + "/v1/chat/stream",
+                    json={"model": "sim-fast", "prompt": "count me", "max_tokens": 100},
+                    headers=auth(),
+                ) as r:
+                    done = (await collect(r)).last("done")
+                tokens += done["usage"]["output_tokens"]
+                cost += done["cost_usd"]
+            assert tokens > 0
+            output = 'sserelay_tokens_total{direction="output"}'
+            await _until(query, f"sum({output})", lambda v: v == tokens)
+            # One more scrape after the one that saw the tokens.
+            seen = await query(up)
+            assert seen is not None
+            await _until(query, up, lambda v: v is not None and v > seen)
+            increase = await query(f"sum(increase({output}[1m]))")
+            # increase() extrapolates to the window's end: a little above, never below.
+            assert increase is not None and 0.9 * tokens <= increase <= 2 * tokens, (
+                increase,
+                tokens,
+            )
+            finished = await query("sum(increase(sserelay_streams_finished_total[1m]))")
+            assert finished is not None and finished >= 0.9 * streams
+            started = await query("sum(increase(sserelay_streams_started_total[1m]))")
+            assert started is not None and started >= 0.9 * streams
+            ttft = await query("sum(increase(sserelay_time_to_first_token_seconds_count[1m]))")
+            assert ttft is not None and ttft >= 0.9 * streams
+            spent = await query("sum(increase(sserelay_cost_usd_total[1m]))")
+            assert spent is not None and spent >= 0.9 * cost > 0
+    finally:
+        server.stop()
+
+
+def _value(scrape: str, series: str) -> float | None:
+    """The value of one exact series (`name{labels}` as rendered), None if absent."""
+    for line in scrape.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_time_to_first_token_is_observed_at_the_first_token(
+    config_path: Path, client: httpx.AsyncClient
+) -> None:
+    """A long stream's first token reaches the histogram while the stream still runs,
+    and its end does not count it a second time."""
+    server = ServerThread(relay_settings(config_path))
+    count = 'sserelay_time_to_first_token_seconds_count{model="sim-slow"}'
+
+    async def scrape() -> str:
+        return (await client.get(server.url + "/metrics")).text
+
+    try:
+        before = _value(await scrape(), count) or 0.0
+        body = {"model": "sim-slow", "prompt": "take your time", "max_tokens": 40}
+        async with client.stream(
+            "POST", server.url + "/v1/chat/stream", json=body, headers=auth()
+        ) as r:
+            events = sse_events(r)
+            head = await collect(events, stop_after=2)
+            assert head.names == ["start", "delta"]
+            during = await scrape()
+            assert _value(during, count) == before + 1
+            assert _sum(during, "sserelay_streams_finished_total") == 0  # still running
+            assert _value(during, 'sserelay_streams_active{route="chat"}') == 1
+            rest = await collect(events)
+            assert rest.names[-1] == "done"
+        finished = 0.0
+        for _ in range(100):  # counted as the response closes
+            after = await scrape()
+            finished = _sum(after, "sserelay_streams_finished_total")
+            if finished:
+                break
+            await asyncio.sleep(0.05)
+        assert finished == 1
+        assert _value(after, count) == before + 1
+        assert (
+            _value(after, 'sserelay_time_to_first_token_seconds_bucket{le="+Inf",model="sim-slow"}')
+            == before + 1
+        )
+    finally:
+        server.stop()
+
+
+async def test_every_series_exists_at_zero_before_its_first_increment(
+    tmp_path: Path, upstream: FakeUpstreamServer, client: httpx.AsyncClient
+) -> None:
+    """Children for every plan's allowed models, every outcome, route and direction, at
+    startup; a plan added by a reload gets its own."""
+    config = write_config(tmp_path, upstream.url, name="primed")
+    server = ServerThread(relay_settings(config, config_poll_s=0.05))
+    try:
+        scrape = (await client.get(server.url + "/metrics")).text
+        for series in (
+            'sserelay_tokens_total{direction="output",model="claude",plan="pro"}',
+            'sserelay_tokens_total{direction="input",model="sim-fast",plan="free"}',
+            'sserelay_cost_usd_total{model="gpt",plan="pro"}',
+            'sserelay_streams_started_total{model="sim-fast",plan="free",route="chat"}',
+            'sserelay_streams_finished_total{model="sim-slow",outcome="lost",plan="pro",route="streams"}',
+            'sserelay_streams_finished_total{model="sim-fast",outcome="done",plan="free",route="chat"}',
+            'sserelay_streams_active{route="streams"}',
+            'sserelay_time_to_first_token_seconds_count{model="gpt"}',
+            'sserelay_time_to_first_token_seconds_bucket{le="0.5",model="claude"}',
+            'sserelay_stream_duration_seconds_count{model="claude",outcome="orphaned"}',
+            'sserelay_upstream_requests_total{model="claude",provider="anthropic"}',
+            'sserelay_upstream_errors_total{kind="upstream_timeout",model="gpt",provider="openai"}',
+            'sserelay_upstream_retries_total{model="sim-fast"}',
+            'sserelay_limiter_decisions_total{limit="all",plan="pro",result="allowed"}',
+            'sserelay_auth_failures_total{reason="token_expired"}',
+            'sserelay_feedback_total{rating="5"}',
+        ):
+            assert _value(scrape, series) == 0, series
+        # Only what can happen: plan free may use sim-fast alone; no running outcome.
+        assert 'model="claude",plan="free"' not in scrape
+        assert 'outcome="running"' not in scrape
+
+        raw = yaml.safe_load(config.read_text())
+        raw["plans"]["team"] = {"models": ["gpt"], "requests_per_minute": 5}
+        config.write_text(yaml.safe_dump(raw))
+        series = 'sserelay_tokens_total{direction="output",model="gpt",plan="team"}'
+        for _ in range(100):
+            scrape = (await client.get(server.url + "/metrics")).text
+            if series in scrape:
+                break
+            await asyncio.sleep(0.05)
+        assert _value(scrape, series) == 0
+        assert (
+            _value(
+                scrape,
+                'sserelay_limiter_decisions_total{limit="requests_per_minute",plan="team",result="refused"}',
+            )
+            == 0
+        )
+        assert 'model="sim-fast",plan="team"' not in scrape
+        # Still there: a removed plan's series may stay, a kept one must.
+        assert _value(scrape, 'sserelay_cost_usd_total{model="sim-fast",plan="free"}') == 0
+    finally:
+        server.stop()
 
 
 def _sum(scrape: str, name: str) -> float:

@@ -32,9 +32,9 @@ def make_run() -> Iterator[int]:
     quickstart = _block_after("## Quickstart")
     command = next(line for line in quickstart.splitlines() if line.startswith("make run"))
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("SSERELAY_")
-    } | {"SSERELAY_PORT": str(port)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSERELAY_")} | {
+        "SSERELAY_PORT": str(port)
+    }
     proc = subprocess.Popen(
         command.split("#")[0].split(),
         cwd=ROOT,

@@ -307,9 +307,7 @@ async def test_delta_index_counts_utf16_code_units(
         headers=auth(),
     )
     deltas = [
-        json.loads(line[6:])
-        for line in r.text.splitlines()
-        if line.startswith("data: {\"text\"")
+        json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"text"')
     ]
     text = "".join(d["text"] for d in deltas)
     assert any(ord(c) > 0xFFFF for c in text), "the fake provider sent no emoji"
