@@ -26,7 +26,7 @@ from .middleware import (
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
-from .routes import admin, auth, meta, streams
+from .routes import admin, auth, events, meta, streams
 from .settings import Settings
 from .wiring import build_services
 
@@ -67,7 +67,13 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             gc.freeze()
             yield
 
-    routes: list[BaseRoute] = [*streams.routes, *meta.routes, *admin.routes, *auth.routes(settings)]
+    routes: list[BaseRoute] = [
+        *streams.routes,
+        *events.routes,
+        *meta.routes,
+        *admin.routes,
+        *auth.routes(settings),
+    ]
     paths = {getattr(r, "path", "") for r in routes}
     routes.append(Route("/openapi.json", openapi.route(VERSION, paths), methods=["GET"]))
     templates = {

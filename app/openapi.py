@@ -28,6 +28,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _OPERATIONS: tuple[tuple[str, str, str, type[BaseModel] | None, int, str], ...] = (
     ("post", "/v1/streams", "Start a resumable generation", CompletionRequest, 201, "json"),
     ("get", "/v1/streams/{stream_id}/events", "The stream's events (SSE)", None, 200, "sse"),
+    ("get", "/v1/events", "Many streams' events on one connection (SSE)", None, 200, "sse"),
     ("get", "/v1/streams/{stream_id}", "Status, text so far, usage", None, 200, "json"),
     ("delete", "/v1/streams/{stream_id}", "Cancel a stream", None, 202, "json"),
     ("post", "/v1/streams/{stream_id}/ticket", "A fresh stream ticket", None, 200, "json"),

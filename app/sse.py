@@ -56,13 +56,16 @@ class SSEResponse:
         send_timeout_s: float | None = None,
         on_stall: Callable[[], None] | None = None,
         stall_tick_s: float = 5.0,
+        ends_on_terminal: bool = True,
     ) -> None:
         """`stop` (the server's drain deadline) ends the response early: the producer is
         cancelled and `stop_frame()`, the stream's last word, is sent before closing.
         `open_responses` holds this response while it runs, so a drain can wait until
         every reader has had its last word. While a write is stalled, `on_stall` runs
         every `stall_tick_s` (a reader still connected, only slow, stays attached);
-        after `send_timeout_s` the client is dropped."""
+        after `send_timeout_s` the client is dropped. `ends_on_terminal`: a frame whose
+        last event is `done` or `error` ends the stream (no pings after it); False where
+        one connection carries many streams."""
         if ping_s <= 0:
             raise ValueError("ping_s must be positive")  # a zero interval would spin
         self.frames = frames
@@ -76,6 +79,7 @@ class SSEResponse:
         self.send_timeout_s = send_timeout_s
         self.on_stall = on_stall
         self.stall_tick_s = stall_tick_s
+        self.ends_on_terminal = ends_on_terminal
         self.client_gone = False
         self.too_slow = False
         """Dropped because its writes did not drain for `send_timeout_s`."""
@@ -139,7 +143,7 @@ class SSEResponse:
                 async for frame in self.frames:
                     await write(prefix + frame if prefix else frame)
                     prefix = b""
-                    if _ends_stream(frame):
+                    if self.ends_on_terminal and _ends_stream(frame):
                         ended = True
             finally:
                 aclose = getattr(self.frames, "aclose", None)

@@ -168,12 +168,12 @@ async def stream_events(request: Request) -> Response | SSEResponse:
         stop_frame=lambda: RECONNECT,
         open_responses=services.drain.open_responses,
         send_timeout_s=services.settings.send_timeout_s,
-        on_stall=_keep_attached(services, stream_id, grace),
+        on_stall=keep_attached(services, stream_id, grace),
         stall_tick_s=grace / 3,
     )
 
 
-def _keep_attached(services: Services, stream_id: str, grace_s: float) -> Callable[[], None]:
+def keep_attached(services: Services, stream_id: str, grace_s: float) -> Callable[[], None]:
     """A reader whose connection drains slowly is still a reader: while its writes are
     stalled (up to the send timeout) it keeps the stream from being cancelled as
     orphaned, as reading would."""

@@ -1,74 +1,78 @@
-// sserelay demo page: get a token, list models, run one resumable SSE stream and
-// show its text, progress, ETA and cost. Plain ES2020, no dependencies.
-'use strict';
+// sserelay demo page: get a token, list models, run one resumable stream through
+// sserelay.js (the client module every page should use) and show its text, progress,
+// ETA and cost. Plain ES2020, no dependencies.
+import { Relay } from './sserelay.js';
 
 const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = 'sserelay.token';
-const MAX_ATTEMPTS = 8;
-const backoff = (n) => Math.min(250 * 2 ** n, 5000); // 250, 500, 1000, ... 5000 ms
+const TOKEN_KEY = 'sserelay.token';        // a pasted token, for this tab only
+const SUBJECT_KEY = 'sserelay.demo.sub';   // this tab's own subject in development mode
+const PLAN_KEY = 'sserelay.demo.plan';     // the plan picked in development mode
+const SHOWN_KEY = 'sserelay.demo.stream';  // the stream on screen, saved as the page goes
+const PLANS = ['free', 'pro'];             // the built-in configuration's plans
 const usd = (v) => `$${Number(v).toFixed(6)}`;
 const CONN_TEXT = { connected: 'connected', reconnecting: 'reconnecting…', closed: 'closed' };
 
 const S = {
   token: null, devToken: false, // devToken: minted by /v1/auth/dev-token, so we may mint another
-  ready: false, status: 'idle', streamId: null, text: '', resumes: 0, finished: true,
-  eventsUrl: null, // newest events_url; its ticket may have expired, recovery gets a new one
-  es: null,        // the one live EventSource; events from older ones are ignored
-  hadOpen: false,  // a connection of this stream has opened: every later open is a resume
-  lastId: null,    // highest SSE id applied (null: none yet)
-  attempts: 0,     // reconnect attempts since the last applied event
-  timer: null, cancelTimer: null, // pending reconnect/blip, cancel fallback
+  plan: null, plans: [...PLANS], ready: false, status: 'idle', streamId: null, text: '', finished: true,
+  sub: null,       // the Subscription following the stream on screen
+  restored: false, // the stream on screen was restored after a reload
 };
 
-// ---------------------------------------------------------------- HTTP helpers
-async function api(method, path, body, retried = false) {
-  const headers = { Accept: 'application/json, application/problem+json' };
-  if (S.token) headers.Authorization = `Bearer ${S.token}`;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const opts = { method, headers, body: body === undefined ? undefined : JSON.stringify(body) };
-  const res = await fetch(path, opts);
-  if (res.status === 401 && !retried) {
-    // Dev tokens are short-lived: mint a fresh one once rather than break the demo.
-    if (S.devToken && (await fetchDevToken())) return api(method, path, body, true);
-    // Cookie session (no token in JS at all): the HttpOnly refresh cookie renews it.
-    if (!S.token && (await refreshCookieSession())) return api(method, path, body, true);
+// Tokens for POST/DELETE/ticket requests. Without one, the session cookie is used.
+const relay = new Relay({
+  getToken: async ({ refresh }) => {
+    if (!refresh) return S.token;
+    return S.devToken && (await fetchDevToken(S.plan)) ? S.token : null;
+  },
+});
+
+// ---------------------------------------------------------------- auth, plans
+// Each tab is its own subject, so this page and curl experiments (or another tab) do not
+// share one rate limit; kept across reloads, which is what lets a reload resume.
+function subject() {
+  let sub = sessionStorage.getItem(SUBJECT_KEY);
+  if (!sub) {
+    const bytes = crypto.getRandomValues(new Uint8Array(6));
+    sub = `demo-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+    sessionStorage.setItem(SUBJECT_KEY, sub);
   }
-  const data = await res.json().catch(() => null);
-  if (!res.ok) throw problemError(res, data);
-  return data;
+  return sub;
 }
 
-// Same-origin cookie sessions: the browser sends the cookies; we only ask for rotation.
-async function refreshCookieSession() {
+async function fetchDevToken(plan) {
   try {
-    const res = await fetch('/v1/auth/refresh', {
-      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}',
+    // No Authorization header on purpose: a stale token must not make this fail.
+    const mint = (body) => fetch('/v1/auth/dev-token', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
     });
-    return res.ok;
+    let res = await mint(plan ? { sub: subject(), plan } : { sub: subject() });
+    if (res.status === 422 && plan) res = await mint({ sub: subject() }); // not a plan here
+    if (!res.ok) return false; // 404: not in development mode
+    const d = await res.json();
+    Object.assign(S, { token: d.access_token, plan: d.plan, devToken: true });
+    return true;
   } catch {
     return false;
   }
 }
 
-// Turn a problem+json answer into an Error whose message is "title: detail".
-function problemError(res, p) {
-  const msg = p && p.title ? (p.detail ? `${p.title}: ${p.detail}` : p.title) : `HTTP ${res.status}`;
-  const err = Object.assign(new Error(msg), { status: res.status, code: p && p.code });
-  const retryAfter = res.headers.get('Retry-After');
-  if (res.status === 429 && retryAfter) err.message += ` (retry after ${retryAfter} s)`;
-  return err;
+// Development mode only: pick the plan the page's tokens carry.
+function renderPlanPicker() {
+  $('plan-picker').hidden = !S.devToken;
+  $('plan-badge').hidden = S.devToken;
+  if (!S.devToken) return;
+  // The built-in plans, and any other this server gave the page (its default plan).
+  if (S.plan && !S.plans.includes(S.plan)) S.plans.push(S.plan);
+  $('plan-select').replaceChildren(...S.plans.map((p) => new Option(p, p, false, p === S.plan)));
 }
 
-async function fetchDevToken() {
-  try {
-    // No Authorization header on purpose: a stale token must not make this fail.
-    const headers = { 'Content-Type': 'application/json' };
-    const body = JSON.stringify({ sub: 'demo-user' });
-    const res = await fetch('/v1/auth/dev-token', { method: 'POST', headers, body });
-    if (!res.ok) return false; // 404: not in development mode
-    S.token = (await res.json()).access_token;
-    return (S.devToken = true);
-  } catch { return false; }
+async function changePlan() {
+  const plan = $('plan-select').value;
+  sessionStorage.setItem(PLAN_KEY, plan);
+  if (!(await fetchDevToken(plan))) return showError('Could not get a token for that plan.');
+  renderPlanPicker();
+  loadModels();
 }
 
 // ---------------------------------------------------------------- UI helpers
@@ -90,8 +94,18 @@ function setButtons() {
   const live = !S.finished;
   $('start').disabled = !S.ready || live;
   $('cancel').disabled = !live || !S.streamId;
-  $('blip').disabled = !live || !S.eventsUrl;
+  $('blip').disabled = !live || !S.sub;
+  $('plan-select').disabled = live;
   $('output').setAttribute('aria-busy', String(live));
+}
+
+// 42 -> "42 s", 1500 -> "25 min", 82800 -> "23 h"
+function duration(seconds) {
+  const s = Math.max(0, Number(seconds));
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 90 * 60) return `${Math.round(s / 60)} min`;
+  if (s < 48 * 3600) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
 }
 
 function renderProgress(p) {
@@ -102,6 +116,13 @@ function renderProgress(p) {
   if ('eta_ms' in p) $('eta').textContent = p.eta_ms == null ? '–' : `${(p.eta_ms / 1000).toFixed(1)} s`;
   if (p.cost_usd != null) $('cost').textContent = usd(p.cost_usd);
   if (p.projected_cost_usd != null) $('projected').textContent = usd(p.projected_cost_usd);
+}
+
+function renderText() {
+  const out = $('output');
+  const atBottom = out.scrollHeight - out.scrollTop - out.clientHeight < 24;
+  out.textContent = S.text;
+  if (atBottom) out.scrollTop = out.scrollHeight; // follow the text unless the user scrolled up
 }
 
 function resetOutput() {
@@ -119,7 +140,7 @@ function resetOutput() {
 async function sendFeedback(rating, retried = false) {
   for (const id of ['thumb-up', 'thumb-down']) $(id).disabled = true;
   try {
-    await api('POST', `/v1/streams/${encodeURIComponent(S.streamId)}/feedback`, { rating });
+    await relay.request('POST', `/v1/streams/${encodeURIComponent(S.streamId)}/feedback`, { rating });
     $('feedback-status').textContent = 'Thanks!';
   } catch (e) {
     // The record lands a moment after `done`: one quick retry covers a fast click.
@@ -132,7 +153,7 @@ async function sendFeedback(rating, retried = false) {
   }
 }
 
-// ---------------------------------------------------------------- auth, models, usage
+// ---------------------------------------------------------------- models, usage
 async function init() {
   const params = new URLSearchParams(location.search);
   const fromUrl = params.get('token');
@@ -144,15 +165,16 @@ async function init() {
     history.replaceState(null, '', location.pathname + (qs ? `?${qs}` : '') + location.hash);
   }
   S.token = fromUrl || sessionStorage.getItem(TOKEN_KEY);
-  if (!S.token) await fetchDevToken();
+  if (!S.token) await fetchDevToken(sessionStorage.getItem(PLAN_KEY));
+  renderPlanPicker();
   // With no token at all, a same-origin cookie session may still work; if not,
   // loadModels shows the token panel.
-  loadModels();
+  if (await loadModels()) restoreShown();
 }
 
 async function loadModels() {
   try {
-    const d = await api('GET', '/v1/models');
+    const d = await relay.request('GET', '/v1/models');
     const sel = $('model');
     sel.replaceChildren();
     for (const m of d.data || []) {
@@ -168,6 +190,7 @@ async function loadModels() {
     syncMaxTokens();
     setButtons();
     refreshUsage();
+    return true;
   } catch (e) {
     const hadToken = Boolean(S.token);
     if (e.status === 401 || e.status === 403) { // bad or expired token: ask for another one
@@ -176,6 +199,7 @@ async function loadModels() {
       $('token-panel').hidden = false;
     }
     if (hadToken || e.status !== 401) showError(e.message); // no session yet is not an error
+    return false;
   }
 }
 
@@ -188,162 +212,107 @@ function syncMaxTokens() {
 }
 
 async function refreshUsage() {
-  if (!S.token) return;
   try {
-    const u = await api('GET', '/v1/usage');
+    const u = await relay.request('GET', '/v1/usage');
     const rows = (u.limits || []).map((l) => `${l.name.replace(/_/g, ' ')}: ${l.remaining} of ${l.limit}`
-      + ` left${l.reset_s != null ? ` (resets in ${l.reset_s} s)` : ''}`);
+      + ` left${l.reset_s != null ? ` (resets in ${duration(l.reset_s)})` : ''}`);
     const b = u.budget;
-    if (b) rows.push(`daily budget: ${usd(b.remaining_usd)} of ${usd(b.daily_usd)} left`);
+    if (b) {
+      rows.push(`daily budget: ${usd(b.remaining_usd)} of ${usd(b.daily_usd)} left`
+        + `${b.reset_s != null ? ` (resets in ${duration(b.reset_s)})` : ''}`);
+    }
     const li = (t) => Object.assign(document.createElement('li'), { textContent: t });
     $('usage-list').replaceChildren(...rows.map(li));
     $('usage').hidden = false;
-  } catch (e) {
-    if (e.status === 404) $('usage').hidden = true; // endpoint not deployed: no panel
+  } catch {
+    $('usage').hidden = true; // no session, or the endpoint is not deployed: no panel
   }
 }
 
 // ---------------------------------------------------------------- the stream
-async function startStream() {
-  [S.timer, S.cancelTimer].forEach(clearTimeout);
-  closeEs();
-  resetOutput();
-  Object.assign(S, { streamId: null, eventsUrl: null, hadOpen: false, lastId: null, text: '',
-    resumes: 0, attempts: 0, finished: false });
-  setStatus('connecting');
-  setButtons();
-  try {
-    const d = await api('POST', '/v1/streams',
-      { model: $('model').value, prompt: $('prompt').value, max_tokens: Number($('max-tokens').value) });
-    S.streamId = d.id;
-    S.eventsUrl = d.events_url;
-    connect(d.events_url);
-    setButtons();
-    refreshUsage();
-  } catch (e) {
-    finish('error', e.message);
-  }
-}
-
-// events_url (which carries the ticket) plus where to resume from.
-function resumeUrl() {
-  const u = new URL(S.eventsUrl, location.href);
-  if (S.lastId !== null) u.searchParams.set('last_event_id', String(S.lastId));
-  return u.href;
-}
-
-function closeEs() {
-  if (S.es) S.es.close();
-  S.es = null;
-}
-
-function connect(url) {
-  clearTimeout(S.timer);
-  closeEs();
-  const es = new EventSource(url);
-  S.es = es;
-  es.onopen = () => {
-    if (es !== S.es || S.finished) return;
-    if (S.hadOpen) $('resumes').textContent = String(++S.resumes);
-    S.hadOpen = true;
-    setConn('connected');
-    setStatus('streaming');
-  };
-  for (const type of ['start', 'delta', 'progress', 'done']) {
-    es.addEventListener(type, (ev) => onEvent(es, type, ev));
-  }
-  // "error" is both the transport-error event and the server's named `error` event;
-  // only the latter is a MessageEvent carrying data.
-  es.addEventListener('error', (ev) => {
-    if (typeof ev.data === 'string') onEvent(es, 'error', ev);
-    else onConnError(es);
-  });
-}
-
-function onConnError(es) {
-  if (es !== S.es || S.finished) return;
-  if (es.readyState === EventSource.CONNECTING) {
-    // The browser retries by itself (sending Last-Event-ID); show it and bound it.
-    if (++S.attempts > MAX_ATTEMPTS) return finish('error', 'Connection lost: gave up reconnecting.');
-    setConn('reconnecting');
-    return setStatus(S.hadOpen ? 'reconnecting' : 'connecting');
-  }
-  // CLOSED: the browser will not retry (401 for an expired ticket, 204, bad response).
-  // Ask for a fresh ticket and resume from the last applied event.
-  closeEs();
-  scheduleRecovery();
-}
-
-function scheduleRecovery() {
-  if (S.attempts >= MAX_ATTEMPTS) return finish('error', `Could not resume after ${MAX_ATTEMPTS} attempts.`);
-  setConn('reconnecting');
-  setStatus('reconnecting');
-  clearTimeout(S.timer);
-  S.timer = setTimeout(recover, backoff(S.attempts++));
-}
-
-async function recover() {
-  if (S.finished) return;
-  try {
-    const t = await api('POST', `/v1/streams/${encodeURIComponent(S.streamId)}/ticket`);
-    if (S.finished) return;
-    S.eventsUrl = t.events_url;
-    connect(resumeUrl());
-  } catch (e) {
-    if (S.finished) return;
-    if (e.status === 404 || e.status === 410) return finish('error', `Stream is gone: ${e.message}`);
-    // Retrying will not fix auth or validation errors; network failures, 5xx and 429 may pass.
-    const fatal = e.status >= 400 && e.status < 500 && ![408, 429].includes(e.status);
-    if (fatal) return finish('error', e.message);
-    scheduleRecovery();
-  }
-}
-
-function onEvent(es, type, ev) {
-  if (es !== S.es || S.finished) return;
-  // A resume may replay events we already applied (header and query can disagree,
-  // or the server overlaps): apply each id at most once.
-  const id = Number.parseInt(ev.lastEventId, 10);
-  if (Number.isFinite(id)) {
-    if (S.lastId !== null && id <= S.lastId) return;
-    S.lastId = id;
-  }
-  let d;
-  try { d = JSON.parse(ev.data); } catch { return; } // not ours: ignore
-  S.attempts = 0; // the stream moved forward: the reconnect budget starts over
-  HANDLERS[type](d);
-}
-
 const HANDLERS = {
-  start(d) {
+  onStart(d) {
     $('meta').textContent = `${d.model} · ${d.provider} · max ${d.max_tokens} tokens · stream ${d.stream_id}`;
     setStatus('streaming');
   },
-  delta(d) {
-    S.text += d.text;
-    const out = $('output');
-    const atBottom = out.scrollHeight - out.scrollTop - out.clientHeight < 24;
-    out.textContent = S.text;
-    if (atBottom) out.scrollTop = out.scrollHeight; // follow the text unless the user scrolled up
+  onDelta(text, index) {
+    if (!Number.isInteger(index)) index = S.text.length;
+    if (index > S.text.length) return replayFromStart(); // a gap: never show a hole
+    S.text = S.text.slice(0, index) + text; // `index` places the text: an overlap cannot repeat it
+    renderText();
   },
-  progress: renderProgress,
-  done(d) {
+  onProgress: renderProgress,
+  onDone(d) {
     const cost = d.cost_usd;
     renderProgress({ percent: 100, eta_ms: 0, output_tokens: d.usage?.output_tokens,
       cost_usd: cost, projected_cost_usd: cost });
     if (d.ttft_ms != null) $('ttft').textContent = `${Math.round(d.ttft_ms)} ms`;
     finish(d.stop_reason === 'cancelled' ? 'cancelled' : 'done');
   },
-  error(d) {
-    if (d.code === 'cancelled') finish('cancelled');
-    else finish('error', `${d.code}: ${d.message}${d.retryable ? ' (retryable)' : ''}`);
+  onError(d) {
+    if (d.code === 'cancelled') return finish('cancelled');
+    if (d.client && d.code === 'stream_not_found' && S.restored) { // expired while away
+      sessionStorage.removeItem(SHOWN_KEY);
+      resetOutput();
+      Object.assign(S, { streamId: null, text: '', sub: null });
+      return finish('idle');
+    }
+    finish('error', `${d.code}: ${d.message}${d.retryable ? ' (retryable)' : ''}`);
+  },
+  onConnection(state, sub) {
+    if (S.finished) return;
+    $('resumes').textContent = String(sub.resumes);
+    if (state === 'open') { setConn('connected'); setStatus('streaming'); }
+    else if (state === 'reconnecting') { setConn('reconnecting'); setStatus('reconnecting'); }
+    else if (state === 'connecting') setStatus('connecting');
   },
 };
 
+function follow(id, options = {}) {
+  S.sub = relay.follow(id, HANDLERS, options);
+  setButtons();
+}
+
+function replayFromStart() {
+  S.sub?.close();
+  S.text = '';
+  renderText();
+  follow(S.streamId, { after: 0 });
+}
+
+async function startStream() {
+  S.sub?.close();
+  if (S.streamId) relay.forget(S.streamId);
+  resetOutput();
+  Object.assign(S, { streamId: null, sub: null, text: '', finished: false, restored: false });
+  setStatus('connecting');
+  setButtons();
+  try {
+    const created = await relay.create(
+      { model: $('model').value, prompt: $('prompt').value, max_tokens: Number($('max-tokens').value) });
+    S.streamId = created.id;
+    follow(created.id, { after: 0 });
+    refreshUsage();
+  } catch (e) {
+    finish('error', e.message);
+  }
+}
+
+// After a reload: the stream this tab was showing, resumed from its last applied event
+// (sserelay.js keeps that id), under the text saved as the page went away.
+function restoreShown() {
+  let shown = null;
+  try { shown = JSON.parse(sessionStorage.getItem(SHOWN_KEY) || 'null'); } catch { /* ignore */ }
+  if (!shown || typeof shown.id !== 'string') return;
+  Object.assign(S, { streamId: shown.id, text: String(shown.text || ''), finished: false, restored: true });
+  $('meta').textContent = String(shown.meta || '');
+  renderText();
+  setStatus('connecting');
+  follow(shown.id);
+}
+
 function finish(status, message) {
   S.finished = true;
-  [S.timer, S.cancelTimer].forEach(clearTimeout);
-  closeEs();
   setStatus(status);
   setConn('closed');
   if (message) showError(message);
@@ -354,28 +323,20 @@ function finish(status, message) {
 }
 
 async function cancelStream() {
-  if (S.finished || !S.streamId) return;
+  if (S.finished || !S.sub) return;
   $('cancel').disabled = true;
   try {
-    await api('DELETE', `/v1/streams/${encodeURIComponent(S.streamId)}`);
-    // The stream should now end with error{code:"cancelled"} (or done); if that event
-    // cannot reach us (e.g. mid-reconnect), do not leave the page hanging.
-    clearTimeout(S.cancelTimer);
-    S.cancelTimer = setTimeout(() => { if (!S.finished) finish('cancelled'); }, 3000);
+    await S.sub.cancel(); // the stream ends with error{code: "cancelled"}
   } catch (e) {
     if (!S.finished) { showError(e.message); setButtons(); }
   }
 }
 
-// Demo of resume: drop the connection and reopen it from the last applied id, as a
-// real reconnect would. An expired ticket then takes the normal recovery path.
+// Demo of resume: drop the connection and reopen it from the last applied event, as a
+// real reconnect would (the pause makes the drop visible). An expired ticket then takes
+// the normal renewal path.
 function simulateDrop() {
-  if (S.finished || !S.eventsUrl) return;
-  clearTimeout(S.timer);
-  closeEs();
-  setConn('reconnecting');
-  setStatus('reconnecting');
-  S.timer = setTimeout(() => connect(resumeUrl()), 400); // pause so the drop is visible
+  if (!S.finished && S.sub) S.sub.reconnect(400);
 }
 
 // ---------------------------------------------------------------- wiring
@@ -385,10 +346,11 @@ function saveToken() {
   sessionStorage.setItem(TOKEN_KEY, t);
   Object.assign(S, { token: t, devToken: false });
   $('token-input').value = '';
+  renderPlanPicker();
   loadModels();
 }
 
-// The script is loaded with `defer`, so the DOM is already parsed here.
+// Module scripts run once the DOM is parsed.
 $('stream-form').addEventListener('submit', (ev) => {
   ev.preventDefault();
   if (S.ready && S.finished) startStream();
@@ -398,13 +360,20 @@ $('blip').addEventListener('click', simulateDrop);
 $('thumb-up').addEventListener('click', () => sendFeedback('up'));
 $('thumb-down').addEventListener('click', () => sendFeedback('down'));
 $('model').addEventListener('change', syncMaxTokens);
+$('plan-select').addEventListener('change', changePlan);
 $('token-save').addEventListener('click', saveToken);
 $('token-input').addEventListener('keydown', (ev) => { if (ev.key === 'Enter') saveToken(); });
+addEventListener('pagehide', () => {
+  if (S.streamId) {
+    sessionStorage.setItem(SHOWN_KEY, JSON.stringify({ id: S.streamId, text: S.text, meta: $('meta').textContent }));
+  }
+});
 init();
 
 // Read-only hook for the browser tests.
 window.sserelayDemo = {
   state: () => ({
-    status: S.status, lastEventId: S.lastId ?? 0, text: S.text, resumes: S.resumes, streamId: S.streamId,
+    status: S.status, lastEventId: S.sub ? S.sub.lastEventId() : 0, text: S.text,
+    resumes: S.sub ? S.sub.resumes : 0, streamId: S.streamId,
   }),
 };

@@ -3,13 +3,12 @@ text is exactly the simulator's, and dropped connections resume without loss."""
 
 from __future__ import annotations
 
-import shutil
+import re
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from streaming import GenerationRequest, Message, simulated_text
 from streaming.providers import estimate_tokens
@@ -19,7 +18,6 @@ from tests.support import relay_settings, write_config
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROMPT = "Explain server-sent events in one paragraph."
 
 
@@ -37,26 +35,6 @@ def demo(
     server = ServerThread(relay_settings(config, jwt_secret=None, ticket_ttl_s=2))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is not installed (apt-get install -y chromium)")
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        await browser.close()
 
 
 @pytest.fixture
@@ -197,3 +175,76 @@ async def test_cookie_session_streams_resumes_and_renews(
     assert s["text"] == expected(100) and s["resumes"] >= 1
     await context.close()
     assert not errors, errors
+
+
+async def test_a_reloaded_page_resumes_where_it_was(page: Page) -> None:
+    """sserelay.js keeps each stream's last applied id in sessionStorage: after a reload
+    the page resumes from it, under the text it had, and ends with exactly the text."""
+    await start(page, "sim-slow", 100)  # about 5 s
+    await page.wait_for_function("window.sserelayDemo.state().text.length > 40")
+    stream_id = (await state(page))["streamId"]
+    resumed: list[str] = []
+    page.on("request", lambda r: resumed.append(r.url) if "/events?" in r.url else None)
+    await page.reload()
+    await page.wait_for_selector("#status[data-state=done]", timeout=20000)
+    s = await state(page)
+    assert s["streamId"] == stream_id
+    assert s["text"] == expected(100) == await page.text_content("#output")
+    assert resumed and all("last_event_id=" in url for url in resumed), resumed
+    assert await page.text_content("#percent") == "100%"
+
+
+async def pick_plan(page: Page, plan: str) -> None:
+    """Pick a plan; returns once the page has listed that plan's models."""
+    async with page.expect_response(lambda r: r.url.endswith("/v1/models")) as models:
+        await page.select_option("#plan-select", plan)
+    assert (await (await models.value).json())["plan"] == plan
+    await page.wait_for_timeout(50)  # the response is in; let the page render it
+
+
+async def test_plans_subjects_and_reset_durations(browser: Browser, page: Page) -> None:
+    # Each tab is its own subject, so tabs (and curl) do not share one rate limit.
+    subject = await page.evaluate("sessionStorage.getItem('sserelay.demo.sub')")
+    assert subject.startswith("demo-") and len(subject) == 17
+    other = await browser.new_context(bypass_csp=True)
+    try:
+        second = await other.new_page()
+        await second.goto(page.url)
+        await second.wait_for_function("!document.querySelector('#start').disabled")
+        assert await second.evaluate("sessionStorage.getItem('sserelay.demo.sub')") != subject
+    finally:
+        await other.close()
+    # Development mode: the page picks its plan; the models follow.
+    assert await page.is_visible("#plan-picker")
+    plans = await page.eval_on_selector_all("#plan-select option", "os => os.map(o => o.value)")
+    assert plans == ["free", "pro", "demo"]  # the server's default plan is "demo"
+    assert await page.input_value("#plan-select") == "demo"
+    await pick_plan(page, "free")
+    assert await page.eval_on_selector("#model", "s => s.options.length") == 1
+    await pick_plan(page, "pro")
+    assert await page.eval_on_selector("#model", "s => s.options.length") == 4
+    # Reset times read as durations, not raw seconds.
+    await pick_plan(page, "demo")
+    await start(page, "sim-fast", 5)
+    await page.wait_for_selector("#status[data-state=done]", timeout=15000)
+    await page.wait_for_function(
+        "document.querySelector('#usage-list').textContent.includes('$0.99')"
+    )
+    usage = await page.eval_on_selector_all("#usage-list li", "ls => ls.map(l => l.textContent)")
+    assert any(row.startswith("requests per minute") for row in usage), usage
+    for row in usage:
+        assert re.search(r"\(resets in \d+ (s|min|h|d)\)$", row), row
+    budget = next(row for row in usage if row.startswith("daily budget"))
+    assert budget.endswith("(resets in 24 h)"), budget
+
+
+async def test_favicon_and_feedback_buttons_need_no_emoji_font(page: Page) -> None:
+    href = await page.get_attribute("link[rel=icon]", "href")
+    assert href == "/static/favicon.svg"
+    answer = await page.request.get(page.url.rstrip("/") + href)
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("image/svg+xml")
+    for button, label in (("#thumb-up", "Useful"), ("#thumb-down", "Not useful")):
+        text = (await page.text_content(button) or "").strip()
+        assert text == label
+        assert all(ord(c) < 0x2000 for c in text)

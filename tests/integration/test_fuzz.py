@@ -93,6 +93,7 @@ KNOWN_CODES = frozenset(STATUS) | {
 
 # Every route and its methods. `{id}` is a stream id: the module's real one or a hostile one.
 EVERY_ROUTE: list[tuple[str, str]] = [
+    ("GET", "/v1/events"),
     ("POST", "/v1/streams"),
     ("GET", "/v1/streams/{id}/events"),
     ("GET", "/v1/streams/{id}"),
