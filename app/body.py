@@ -25,7 +25,7 @@ import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .config import describe
 from .errors import ProblemError
@@ -129,10 +129,15 @@ async def read_raw(request: Request, max_bytes: int) -> bytes:
         if int(declared) > max_bytes:
             raise ProblemError("body_too_large", f"the body is larger than {max_bytes} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ProblemError("body_too_large", f"the body is larger than {max_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise ProblemError("body_too_large", f"the body is larger than {max_bytes} bytes")
+    except ClientDisconnect as exc:
+        # The client left mid-body, or stalled past the body timeout: nobody will read
+        # an answer, and it is no server error either.
+        raise ProblemError("request_timeout", "the body did not arrive in time") from exc
     return bytes(body)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +19,7 @@ from .cli_auth import add_commands
 from .cli_records import add_commands as add_record_commands
 from .config import ConfigError, describe, load_config
 from .logs import configure
-from .settings import Settings
+from .settings import Settings, unknown_variables
 
 
 def _fail(message: str) -> int:
@@ -61,15 +63,23 @@ def serve(args: argparse.Namespace) -> int:
     problem = settings.serving_problem()
     if problem is not None:
         return _fail(problem)
+    for line in unknown_variables(os.environ):
+        print(f"sserelay: warning: {line}", file=sys.stderr)
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
     configure(settings.log_format, settings.log_level)
 
     import uvicorn
 
+    from .connections import ConnectionLimits, protocol_class, protocol_path
     from .drain import DrainingServer
     from .factory import create_app
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    h11_fallback = importlib.util.find_spec("httptools") is None
+    # Bound already: a busy port was one line above, and this one is true.
     print(
         f"sserelay: listening on http://{settings.host}:{settings.port} "
         f"(demo page at /, metrics at /metrics)",
@@ -80,33 +90,71 @@ def serve(args: argparse.Namespace) -> int:
         "host": settings.host,
         "port": settings.port,
         "loop": loop,
-        "http": http,
         "log_config": None,
         "access_log": False,
         "backlog": 4096,  # a burst of stream starts must not overflow the accept queue
         "timeout_graceful_shutdown": 5,
+        # Deadlines, size limits and connection caps: app/connections.py. uvicorn's own
+        # keep-alive timer is replaced by the protocol's, with the same value.
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes + 1024,
     }
     if args.workers > 1:
+        sock.close()  # uvicorn's supervisor binds for its workers
         # Each worker builds its own app from the same environment, and writes its
         # metrics where any worker's /metrics can sum them.
         for key, value in overrides.items():
             os.environ[f"SSERELAY_{key.upper()}"] = str(value)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sserelay-metrics-")
-        uvicorn.run("app.factory:app_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+        uvicorn.run(
+            "app.factory:app_from_env",
+            factory=True,
+            workers=args.workers,
+            http=protocol_path(h11_fallback=h11_fallback),
+            **common,  # type: ignore[arg-type]
+        )
     else:
         app = create_app(settings, config)
 
         async def drain(timeout_s: float) -> None:
             await app.state.services.drain.run(timeout_s)
 
+        limits = ConnectionLimits.from_settings(settings)
+        logging.getLogger("sserelay").info(
+            "connections: at most %d open, %d idle; heads %d bytes within %gs; "
+            "bodies may pause %gs; keep-alive %gs",
+            limits.max_connections,
+            limits.max_idle_connections,
+            limits.max_header_bytes,
+            limits.header_timeout_s,
+            limits.body_timeout_s,
+            limits.keepalive_timeout_s,
+        )
+        http = protocol_class(limits, h11_fallback=h11_fallback)
         server = DrainingServer(
-            uvicorn.Config(app, **common),  # type: ignore[arg-type]
+            uvicorn.Config(app, http=http, **common),  # type: ignore[arg-type]
             drain=drain,
             timeout_s=settings.drain_timeout_s,
         )
-        server.run()
+        server.run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so a busy port is one
+    clear line and "listening" is printed only once it is true."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,10 @@ STATUS: Mapping[str, int] = {
     "config_invalid": 422,
     "model_not_allowed": 403,
     "rate_limited": 429,
+    # written by the connection guard (`connections`), below the app
+    "request_timeout": 408,
+    "headers_too_large": 431,
+    "too_many_connections": 503,
     # the server's state
     "draining": 503,
     "limiter_unavailable": 503,
@@ -91,6 +95,7 @@ _TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    408: "Request Timeout",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

@@ -23,6 +23,7 @@ import uvicorn
 
 from app import Settings, create_app
 from app.config import Config
+from app.connections import ConnectionLimits, protocol_class
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,8 @@ def wait_http(url: str, path: str = "/healthz", timeout: float = 15.0, alive: An
 
 
 class ServerThread:
-    """sserelay under a real uvicorn, in a thread with its own event loop."""
+    """sserelay under a real uvicorn, in a thread with its own event loop, with the
+    connection limits `sserelay serve` applies (from the same settings)."""
 
     def __init__(self, settings: Settings, config: Config | None = None) -> None:
         self.app = create_app(settings, config)
@@ -69,11 +71,13 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(
             self.app,
+            http=protocol_class(ConnectionLimits.from_settings(settings)),
             lifespan="on",
             log_level="warning",
             access_log=False,
             ws="none",
             timeout_graceful_shutdown=2,
+            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from testkit.servers import ServerProcess
 from tests.support import ROOT
 
 
@@ -215,3 +217,31 @@ def test_a_private_key_is_not_an_hmac_secret(tmp_path: Path) -> None:
     result = serve({"SSERELAY_JWT_PRIVATE_KEY_FILE": str(key), "SSERELAY_JWT_SIGNING_ALG": "HS256"})
     assert result.returncode == 2 and "SSERELAY_JWT_PRIVATE_KEY_FILE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_redis_url_without_a_scheme_is_one_line() -> None:
+    result = serve({"SSERELAY_REDIS_URL": "localhost:6379", "SSERELAY_JWT_SECRET": "s" * 40})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "SSERELAY_REDIS_URL" in result.stderr and "redis://localhost:6379" in result.stderr
+
+
+def test_a_busy_port_is_one_line_and_nothing_claims_to_listen() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve({"SSERELAY_PORT": str(port)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "listening on" not in result.stderr
+
+
+async def test_a_misspelled_setting_is_named_with_the_closest_one(config_path: Path) -> None:
+    server = ServerProcess({"SSERELAY_JWT_SECRT": "s" * 40, "SSERELAY_CONFIG": str(config_path)})
+    output = server.stop()
+    assert (
+        "unknown setting SSERELAY_JWT_SECRT is ignored; did you mean SSERELAY_JWT_SECRET?" in output
+    )
+    # and "listening" comes once the port is bound: the server answered on it
+    assert "listening on" in output

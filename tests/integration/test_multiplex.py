@@ -355,7 +355,9 @@ async def test_pings_go_on_after_one_stream_ended(
             async for line in response.aiter_lines():
                 lines.append(line)
         fast_done = next(
-            i for i, line in enumerate(lines) if line == "event: done" and fast["id"] in lines[i + 1]
+            i
+            for i, line in enumerate(lines)
+            if line == "event: done" and fast["id"] in lines[i + 1]
         )
         first_slow_delta = next(
             i
