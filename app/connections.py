@@ -437,6 +437,28 @@ class _Guard:
 
     # -- refusals ---------------------------------------------------------------------
 
+    def _feed(self, data: bytes | memoryview) -> bool:
+        raise NotImplementedError  # the protocol's parser; False: stop here
+
+    def _take(self, data: bytes) -> bool:
+        """Feed `data` to the parser, a head only as far as the size limit lets it go
+        (so nothing past the limit is buffered); False when the connection is done."""
+        view: bytes | memoryview = data
+        while self._in_head and view:
+            fits = self._count_head(view)
+            if fits == len(view):
+                break
+            # Parse only what fits: the head must end within it.
+            heads = self._heads_done
+            view = memoryview(view)
+            if not self._feed(view[:fits]):
+                return False
+            view = view[fits:]
+            if self._in_head and self._heads_done == heads:
+                self._refuse(431, "headers_too_large")
+                return False
+        return not (view and not self._feed(view))
+
     def _refuse(self, status: int, kind: str, now: float | None = None) -> None:
         """Answers `status` (unless a response is already under way), then closes,
         reading and dropping what the client still sends for up to `LINGER_S`."""
@@ -538,21 +560,7 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
             return  # lingering after a refusal: read and dropped
         now = self.loop.time()
         self._received(now)
-        view: bytes | memoryview = data
-        while self._in_head and view:
-            fits = self._count_head(view)
-            if fits == len(view):
-                break
-            # Parse only what fits: the head must end within it.
-            heads = self._heads_done
-            view = memoryview(view)
-            if not self._feed(view[:fits]):
-                return
-            view = view[fits:]
-            if self._in_head and self._heads_done == heads:
-                self._refuse(431, "headers_too_large")
-                return
-        if view and not self._feed(view):
+        if not self._take(data):
             return
         if self._in_body:
             self._last_rx = now
@@ -650,20 +658,7 @@ class GuardedH11Protocol(_Guard, H11Protocol):
         if self._refused or self._detached:
             return
         self._received(self.loop.time())
-        view: bytes | memoryview = data
-        while self._in_head and view:
-            fits = self._count_head(view)
-            if fits == len(view):
-                break
-            heads = self._heads_done
-            view = memoryview(view)
-            if not self._feed(view[:fits]):
-                return
-            view = view[fits:]
-            if self._in_head and self._heads_done == heads:
-                self._refuse(431, "headers_too_large")
-                return
-        if view and not self._feed(view):
+        if not self._take(data):
             return
         self._settle()
 
