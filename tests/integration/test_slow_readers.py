@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -29,6 +30,11 @@ def _rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,7 @@ async def test_clients_that_never_read_cost_bounded_memory_and_are_dropped(
     server: ServerProcess, upstream: FakeUpstreamServer, model: str
 ) -> None:
     start = _rss_mb(server.proc.pid)
+    idle_sockets = _sockets(server.proc.pid)
     socks = _never_read(
         server.port, "/v1/chat/stream", {"model": model, "prompt": "hi", "max_tokens": 200_000}, 10
     )
@@ -100,6 +107,13 @@ async def test_clients_that_never_read_cost_bounded_memory_and_are_dropped(
             (r.client_closed, r.tokens_sent) for r in records
         ]
         assert peak - start < 50, f"RSS grew {peak - start:.0f} MB"
+        # The dropped connections are gone from the server (aborted: a plain close would
+        # wait on a buffer these clients never drain), and so are the upstream ones.
+        for _ in range(40):
+            if _sockets(server.proc.pid) <= idle_sockets:
+                break
+            await asyncio.sleep(0.25)
+        assert _sockets(server.proc.pid) <= idle_sockets
     finally:
         for s in socks:
             s.close()
