@@ -437,8 +437,9 @@ class _Guard:
 
     # -- refusals ---------------------------------------------------------------------
 
-    def _feed(self, data: bytes | memoryview) -> bool:
-        raise NotImplementedError  # the protocol's parser; False: stop here
+    if TYPE_CHECKING:
+        # Each protocol's parser: feeds `data`, False when the connection is done.
+        def _feed(self, data: bytes | memoryview) -> bool: ...
 
     def _take(self, data: bytes) -> bool:
         """Feed `data` to the parser, a head only as far as the size limit lets it go

@@ -18,7 +18,6 @@ import yaml
 
 from testkit.fake_upstream import FakeUpstreamServer
 from testkit.servers import ServerProcess
-from testkit.sse import collect
 from tests.support import SECRET, auth, token, write_config
 
 SEND_TIMEOUT_S = 3
@@ -48,6 +47,11 @@ def fast_config(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
             "upstream": "fake?tokens=200000&batch=64",
             "max_output_tokens": 200_000,
         }
+    raw["models"]["long"] = {  # 10 s of output, far more than a socket buffer holds
+        "provider": "openai",
+        "upstream": "fake?tokens=200000&tps=20000&batch=64",
+        "max_output_tokens": 200_000,
+    }
     raw["plans"]["pro"]["max_tokens"] = 200_000
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -61,6 +65,7 @@ def server(fast_config: Path) -> Iterator[ServerProcess]:
             "SSERELAY_CONFIG": str(fast_config),
             "SSERELAY_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
             "SSERELAY_SEND_BUFFER_BYTES": "16384",
+            "SSERELAY_ORPHAN_GRACE_S": "1",
         }
     )
     yield s
@@ -125,24 +130,30 @@ async def test_clients_that_never_read_cost_bounded_memory_and_are_dropped(
 async def test_a_stalled_reader_of_a_resumable_stream_is_dropped_alone(
     server: ServerProcess,
 ) -> None:
-    """One reader that stops reading is dropped after the send timeout; the generation
-    goes on for another reader, who gets the whole text."""
+    """A reader whose writes stall still counts as a reader until the send timeout (it
+    used to be taken for no reader at all: the stream was cancelled as orphaned after the
+    1 s grace); then only that reader is dropped, and with nobody else reading the
+    stream ends as orphaned."""
     async with httpx.AsyncClient(timeout=60) as client:
         created = (
             await client.post(
                 server.url + "/v1/streams",
-                json={"model": "sim-slow", "prompt": "two readers", "max_tokens": 120},
+                json={"model": "long", "prompt": "stalled", "max_tokens": 200_000},
                 headers=auth(),
             )
         ).json()
-        path = created["events_url"]
         stalled = socket.create_connection(("127.0.0.1", server.port))
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-        stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        stalled.sendall(f"GET {created['events_url']} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        status_url = server.url + created["status_url"]
         try:
-            async with client.stream("GET", server.url + path) as response:
-                events = await collect(response)
-            assert events.names[-1] == "done", events.names
-            assert events.last("done")["usage"]["output_tokens"] == 120
+            await asyncio.sleep(SEND_TIMEOUT_S - 0.5)  # well past the grace, stalled
+            info = (await client.get(status_url, headers=auth())).json()
+            # (polling is reading too, so only this one poll, after the wait)
+            assert info["status"] == "running", info.get("error")
+            # The send timeout drops it; then nobody reads: orphaned after the grace.
+            await asyncio.sleep(SEND_TIMEOUT_S + 2)
+            info = (await client.get(status_url, headers=auth())).json()
         finally:
             stalled.close()
+    assert info["status"] == "orphaned", info["status"]
