@@ -1,10 +1,11 @@
 """What runs when a stream ends: settle its usage, count it, record it, log it.
 
 Every stream reaches `stream_finished` exactly once, however it ended, from the process
-that ran it (the manager's finish hook for resumable streams, the response's close for
-the direct route). A stream whose process died reaches `stream_lost` instead, once, from
-whichever process wrote its end: it is settled from the reservation stored with the
-stream, so a crash never leaves a caller charged for the worst case.
+that ended it (the manager's finish hook for resumable streams, wherever the last of its
+workers ran it; the response's close for the direct route). A stream ended from its log
+alone reaches `stream_lost` instead: it is settled from the reservation stored with the
+stream, so a crash never leaves a caller charged for the worst case, and a reservation
+is settled once however many workers ran the stream (the limiter refunds only once).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class StreamAccounting:
 
     def hold(self, stream_id: str, reservation: Reservation) -> None:
         self.reservations[stream_id] = reservation
+
+    def forget(self, stream_id: str) -> None:
+        """The stream left this process unsettled (another one took it over, or it was
+        handed over on drain): whoever ends it settles it."""
+        self.reservations.pop(stream_id, None)
+
+    async def refund(self, stream_id: str, reservation: Reservation) -> None:
+        """An admission whose stream never started: nothing was used."""
+        await self._settle(stream_id, reservation, Outcome())
 
     async def settle(self, stream_id: str, outcome: Outcome) -> None:
         """Bill what the stream actually used against its admission, once."""
@@ -87,9 +97,11 @@ class StreamAccounting:
         await self._record(route, info, outcome, generation)
 
     async def stream_lost(self, info: StreamInfo, outcome: Outcome) -> None:
-        """Runs once for a stream whose process died, in the process that ended it. A
-        process that died after settling (but before recording the stream's end) was
-        counted and recorded already: then only the end is written, nothing twice."""
+        """Runs once for a stream ended from its log by a process that did not run it
+        (its worker died after writing its end, or it was taken over too many times).
+        It is settled from the reservation stored with the stream; a worker that died
+        after settling (but before recording the end) was counted and recorded
+        already: then only the end is written, nothing twice."""
         if info.billing:
             try:
                 reservation = Reservation.from_json(info.billing)

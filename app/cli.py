@@ -37,6 +37,7 @@ def _settings_error(exc: ValidationError) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+    role = "worker" if args.command == "worker" else "api" if args.api_only else "all"
     overrides = {
         k: v
         for k, v in {
@@ -63,6 +64,9 @@ def serve(args: argparse.Namespace) -> int:
     problem = settings.serving_problem()
     if problem is not None:
         return _fail(problem)
+    if role != "all" and not settings.redis_url:
+        what = "a worker" if role == "worker" else "--api-only"
+        return _fail(f"{what} needs SSERELAY_REDIS_URL: API processes and workers share a queue")
     for line in unknown_variables(os.environ):
         print(f"sserelay: warning: {line}", file=sys.stderr)
     try:
@@ -80,9 +84,13 @@ def serve(args: argparse.Namespace) -> int:
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     h11_fallback = importlib.util.find_spec("httptools") is None
     # Bound already: a busy port was one line above, and this one is true.
+    serves = {
+        "all": "demo page at /, metrics at /metrics",
+        "api": "API only: generations run on workers; metrics at /metrics",
+        "worker": "worker: /healthz, /readyz and /metrics only",
+    }[role]
     print(
-        f"sserelay: listening on http://{settings.host}:{settings.port} "
-        f"(demo page at /, metrics at /metrics)",
+        f"sserelay: listening on http://{settings.host}:{settings.port} ({serves})",
         file=sys.stderr,
         flush=True,
     )
@@ -105,6 +113,8 @@ def serve(args: argparse.Namespace) -> int:
         # metrics where any worker's /metrics can sum them.
         for key, value in overrides.items():
             os.environ[f"SSERELAY_{key.upper()}"] = str(value)
+        if role == "api":
+            os.environ["SSERELAY_ROLE"] = "api"
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sserelay-metrics-")
         uvicorn.run(
@@ -115,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
             **common,  # type: ignore[arg-type]
         )
     else:
-        app = create_app(settings, config)
+        app = create_app(settings, config, role=role)  # type: ignore[arg-type]
 
         async def drain(timeout_s: float) -> None:
             await app.state.services.drain.run(timeout_s)
@@ -165,7 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, help="port (default 8000; SSERELAY_PORT)")
     run.add_argument("--config", type=Path, help="YAML file of providers, models and plans")
     run.add_argument("--workers", type=int, default=1, help="worker processes (needs Redis)")
+    run.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve HTTP only; generations run on `sserelay worker` processes (needs Redis)",
+    )
     run.set_defaults(handler=serve)
+    work = commands.add_parser(
+        "worker", help="run generations only (needs Redis); the port serves health and metrics"
+    )
+    work.add_argument("--host", help="bind address (default 127.0.0.1; SSERELAY_HOST)")
+    work.add_argument("--port", type=int, help="port (default 8000; SSERELAY_PORT)")
+    work.add_argument("--config", type=Path, help="YAML file of providers, models and plans")
+    work.set_defaults(handler=serve, workers=1, api_only=False)
     add_commands(commands)
     add_record_commands(commands)
     args = parser.parse_args(argv)

@@ -15,6 +15,16 @@ from ratelimit import Plan
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 _DEFAULT_URLS = {"anthropic": "https://api.anthropic.com"}
+_DEFAULT_CONTINUATION: dict[str, Continuation] = {
+    "anthropic": "prefill",
+    "simulated": "prefill",
+    "openai": "none",
+}
+
+Continuation = Literal["prefill", "none"]
+"""How an answer cut short is continued: `prefill` sends the text so far as a final
+assistant message (Anthropic; vLLM and SGLang with `continue_final_message`); `none`
+never continues (models that refuse prefill, plain OpenAI)."""
 _DEFAULT_KEY_ENVS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
 
@@ -27,6 +37,9 @@ class ProviderConfig(BaseModel):
 
     kind: Literal["anthropic", "openai", "simulated"]
     base_url: str | None = None
+    continuation: Continuation | None = None
+    """Default for this provider's models; unset: `prefill` for anthropic and
+    simulated, `none` for openai (plain OpenAI has no way to continue)."""
     api_key_env: str | None = None
     max_connections: int = Field(default=1000, ge=1)
     # simulator only
@@ -39,6 +52,9 @@ class ProviderConfig(BaseModel):
         if self.kind == "openai" and not self.base_url:
             raise ValueError("an openai provider needs base_url (e.g. http://host:8001/v1)")
         return self
+
+    def continues(self) -> Continuation:
+        return self.continuation or _DEFAULT_CONTINUATION[self.kind]
 
     def url(self) -> str | None:
         return self.base_url or _DEFAULT_URLS.get(self.kind)
@@ -57,6 +73,11 @@ class ModelConfig(BaseModel):
     input_usd_per_mtok: float = Field(default=0.0, ge=0)
     output_usd_per_mtok: float = Field(default=0.0, ge=0)
     max_output_tokens: int = Field(default=4096, ge=1)
+    continuation: Continuation | None = None
+    """Overrides the provider's: e.g. `none` for a model that refuses prefill."""
+    fallbacks: tuple[str, ...] = ()
+    """Models to try, in order, once this one's attempts are spent: before the first
+    token as after it (then only those that can continue)."""
 
 
 class Config(BaseModel):
@@ -72,6 +93,11 @@ class Config(BaseModel):
         for name, model in self.models.items():
             if model.provider not in self.providers:
                 raise ValueError(f"models.{name}.provider: no provider named {model.provider!r}")
+            for fallback in model.fallbacks:
+                if fallback not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks: no model named {fallback!r}")
+                if fallback == name:
+                    raise ValueError(f"models.{name}.fallbacks: a model cannot fall back to itself")
         for name, plan in self.plans.items():
             for model_name in plan.models or ():
                 if model_name not in self.models:
@@ -79,6 +105,12 @@ class Config(BaseModel):
         if self.default_plan not in self.plans:
             raise ValueError(f"default_plan: no plan named {self.default_plan!r}")
         return self
+
+    def continues(self, model: str) -> bool:
+        """Whether `model` can continue a partial answer (prefill)."""
+        spec = self.models[model]
+        mode = spec.continuation or self.providers[spec.provider].continues()
+        return mode == "prefill"
 
 
 def load_config(path: Path | None) -> Config:

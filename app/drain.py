@@ -17,13 +17,23 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 
 from streaming import StreamManager
 
 logger = logging.getLogger("sserelay")
+
+
+class WorkerRole(Protocol):
+    """What the drain needs of this process's worker (when it has the worker role)."""
+
+    def stop_claiming(self) -> None: ...
+
+    async def others(self) -> int: ...
+
+    async def hand_over(self) -> None: ...
 
 
 class Drain:
@@ -43,15 +53,21 @@ class Drain:
         """Responses of POST /v1/chat/stream in flight (they are not in the manager)."""
         self.open_responses: set[Any] = set()
         """Every SSE response still open, readers and direct streams alike."""
+        self.worker: WorkerRole | None = None
+        """This process's worker, when it has the role: it stops claiming at once, and
+        at the deadline hands its generations over if another worker can take them."""
 
     async def run(self, timeout_s: float, *, last_words_s: float = 5.0) -> None:
         """Refuse new streams at once, let running ones finish for up to `timeout_s`,
-        then end the rest with a retryable `shutdown` error (written to the stream log,
-        so a client resuming elsewhere sees it) and close every reader with a
-        `reconnect` event (a reader following a stream that another replica generates
+        then hand the rest over to another worker (when one is alive: readers see no
+        error), or else end them with a retryable `shutdown` error (written to the
+        stream log, so a client resuming elsewhere sees it), and close every reader with
+        a `reconnect` event (a reader following a stream that another replica generates
         resumes there). Returns once every open response has said its last word and
         settled its usage (or `last_words_s` has passed)."""
         self.draining.set()
+        if self.worker is not None:
+            self.worker.stop_claiming()
         logger.info(
             "draining: %d resumable and %d direct streams running",
             self.manager.active,
@@ -61,6 +77,12 @@ class Drain:
         deadline = loop.time() + timeout_s
         while (self.manager.active or self.direct_streams) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.manager.active and self.worker is not None and await self.worker.others():
+            logger.warning(
+                "drain deadline: handing %d generations over to other workers",
+                self.manager.active,
+            )
+            await self.worker.hand_over()
         if self.manager.active or self.direct_streams:
             logger.warning(
                 "drain deadline: ending %d resumable and %d direct streams",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Literal
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -29,13 +31,23 @@ from .middleware import (
 from .routes import admin, auth, events, meta, streams
 from .settings import Settings
 from .wiring import build_services
+from .worker import Worker
+
+Role = Literal["all", "api", "worker"]
+"""What a process does: `all` serves HTTP and generates (the default); `api` serves HTTP
+and queues generations for workers; `worker` only generates (its port serves health,
+readiness and metrics)."""
 
 
-def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, config: Config | None = None, *, role: Role = "all"
+) -> Starlette:
     settings = settings or Settings()
     problem = settings.serving_problem()
     if problem is not None:
         raise ValueError(problem)
+    if role != "all" and not settings.redis_url:
+        raise ValueError(f"the {role} role needs SSERELAY_REDIS_URL (workers share a queue)")
     config = config or load_config(settings.config)
 
     @asynccontextmanager
@@ -43,7 +55,16 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
         async with AsyncExitStack() as stack:
             services = await build_services(settings, config, stack)
             app.state.services = services
+            app.state.role = role
             await services.manager.start()
+            if role != "api":
+                worker = Worker(services)
+                services.drain.worker = worker
+                app.state.worker = worker
+                worker.start()
+                # Closed after the manager (registered later, so it runs first): it stops
+                # claiming before the streams it runs are ended.
+                stack.push_async_callback(worker.aclose)
             background = [
                 asyncio.create_task(services.accounting.keep_leases(), name="lease-keeper")
             ]
@@ -67,13 +88,17 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             gc.freeze()
             yield
 
-    routes: list[BaseRoute] = [
-        *streams.routes,
-        *events.routes,
-        *meta.routes,
-        *admin.routes,
-        *auth.routes(settings),
-    ]
+    routes: list[BaseRoute]
+    if role == "worker":
+        routes = list(meta.health_routes)
+    else:
+        routes = [
+            *streams.routes,
+            *events.routes,
+            *meta.routes,
+            *admin.routes,
+            *auth.routes(settings),
+        ]
     paths = {getattr(r, "path", "") for r in routes}
     routes.append(Route("/openapi.json", openapi.route(VERSION, paths), methods=["GET"]))
     templates = {
@@ -118,4 +143,5 @@ def app_from_env() -> Starlette:
     worker is a fresh process, so it sets up its own logging."""
     settings = Settings()
     configure(settings.log_format, settings.log_level)
-    return create_app(settings)
+    role: Role = "api" if os.environ.get("SSERELAY_ROLE") == "api" else "all"
+    return create_app(settings, role=role)

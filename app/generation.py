@@ -3,13 +3,24 @@ plan's rules, the provider's request, the prices. Shared by both streaming route
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 
 from auth import Principal
 from ratelimit import Decision, Demand
-from streaming import Generation, GenerationRequest, Message, Pricing, Provider, StreamInfo
+from streaming import (
+    Generation,
+    GenerationRequest,
+    Message,
+    Pricing,
+    Provider,
+    Resume,
+    StreamInfo,
+    Target,
+    estimate_tokens,
+)
 
 from .config import ModelConfig
 from .errors import ProblemError
@@ -76,7 +87,7 @@ def prepare(
 @dataclass(frozen=True, slots=True)
 class Started:
     info: StreamInfo
-    generation: Generation
+    request: GenerationRequest
     decision: Decision | None
     """The admission (None: admitted without the limiter, which is down, fail-open)."""
 
@@ -84,48 +95,83 @@ class Started:
 async def start(
     services: Services, caller: Principal, body: CompletionRequest, request_id: str, prefix: str
 ) -> Started:
-    """Check the request against the model and plan, admit it, and build the
-    generation; raises problems before any stream exists, so every refusal is a plain
-    HTTP error."""
+    """Check the request against the model and plan and admit it; raises problems
+    before any stream exists, so every refusal is a plain HTTP error. What runs the
+    generation (this process or a worker) builds it with `build_generation`."""
     if services.drain.draining.is_set():
         raise ProblemError("draining", "this server is shutting down; retry")
     prepared = prepare(body, caller, services, request_id)
     decision = await admit(services, caller, services.config.plans[caller.plan], demand(prepared))
-    pricing = Pricing(prepared.spec.input_usd_per_mtok, prepared.spec.output_usd_per_mtok)
-    generation = Generation(
-        prepared.provider,
-        prepared.request,
-        start_data={},
-        pricing=pricing,
-        options=services.options,
-        observer=services.metrics.for_stream(prepared.provider.name, prepared.model),
-        keep_text=services.settings.records_content != "omit",
-    )
+    spec = prepared.spec
     reservation = decision.reservation if decision is not None else None
+    request = prepared.request
     info = StreamInfo(
         id=prefix + uuid.uuid4().hex,
         owner=caller.subject,
         model=prepared.model,
         provider=prepared.provider.name,
         plan=caller.plan,
-        max_tokens=prepared.request.max_tokens,
+        max_tokens=request.max_tokens,
         created_at=time.time(),
-        input_tokens=generation.meter.input_tokens,
-        input_usd_per_mtok=pricing.input_usd_per_mtok,
-        output_usd_per_mtok=pricing.output_usd_per_mtok,
+        input_tokens=estimate_tokens(request.prompt_chars()),
+        input_usd_per_mtok=spec.input_usd_per_mtok,
+        output_usd_per_mtok=spec.output_usd_per_mtok,
         billing=reservation.to_json() if reservation is not None else "",
     )
-    generation.start_data.update(
-        stream_id=info.id,
+    return Started(info, request, decision)
+
+
+def build_generation(
+    services: Services, info: StreamInfo, request: GenerationRequest, resume: Resume | None = None
+) -> Generation:
+    """The generation of a stream, with the targets its model's configuration gives it:
+    the model itself, then its fallbacks (those the plan may use), each with its prices
+    and whether it can continue a partial answer."""
+    config = services.config
+    spec = config.models.get(info.model)
+    if spec is None or spec.provider not in services.providers:
+        raise ProblemError("model_not_found", f"no model named {info.model!r}")
+    plan = config.plans.get(info.plan)
+    fallbacks = []
+    for name in spec.fallbacks:
+        other = config.models[name]
+        if plan is not None and not plan.allows_model(name):
+            continue
+        fallbacks.append(
+            Target(
+                services.providers[other.provider],
+                dataclasses.replace(
+                    request,
+                    model=other.upstream or name,
+                    max_tokens=min(request.max_tokens, other.max_output_tokens),
+                ),
+                name,
+                Pricing(other.input_usd_per_mtok, other.output_usd_per_mtok),
+                config.continues(name),
+            )
+        )
+    provider = services.providers[spec.provider]
+    generation = Generation(
+        provider,
+        request,
+        start_data={
+            "stream_id": info.id,
+            "model": info.model,
+            "provider": info.provider,
+            "plan": info.plan,
+            "max_tokens": info.max_tokens,
+            "created_at": info.created_at,
+        },
+        pricing=Pricing(info.input_usd_per_mtok, info.output_usd_per_mtok),
+        options=services.options,
+        observer=services.metrics.for_stream(provider.name, info.model),
+        keep_text=services.settings.records_content != "omit",
         model=info.model,
-        provider=info.provider,
-        plan=info.plan,
-        max_tokens=info.max_tokens,
-        created_at=info.created_at,
+        continuation=config.continues(info.model),
+        fallbacks=fallbacks,
+        resume=resume,
     )
-    if reservation is not None:
-        services.accounting.hold(info.id, reservation)
-    return Started(info, generation, decision)
+    return generation
 
 
 def demand(prepared: Prepared) -> Demand:

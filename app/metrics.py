@@ -40,7 +40,17 @@ VERSION = "0.1.0"
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60)
 _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-_EVENTS = ("start", "delta", "progress", "done", "error")
+_EVENTS = ("start", "delta", "progress", "done", "error", "continued")
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_CONTINUATION_REASONS = (
+    "takeover",
+    "upstream_dropped",
+    "upstream_timeout",
+    "upstream_overloaded",
+    "upstream_unavailable",
+    "upstream_rate_limited",
+    "upstream_unreachable",
+)
 
 # What `prime` creates children for. Values outside these lists (a new error code, say)
 # still work: their series just appear with their first increment.
@@ -108,6 +118,7 @@ class StreamMetrics:
     errors: Counter
     provider: str
     model: str
+    continuations: Counter
 
     def attempt(self) -> None:
         self.requests.inc()
@@ -122,6 +133,9 @@ class StreamMetrics:
         """Observed as the first text is relayed, not when the stream ends: a long
         stream's time to first token is on the dashboard at once."""
         self.ttft.observe(seconds)
+
+    def continued(self, reason: str) -> None:
+        self.continuations.labels(reason).inc()
 
 
 class Metrics:
@@ -223,6 +237,40 @@ class Metrics:
             "Readers resuming a stream after Last-Event-ID",
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "sserelay_queue_depth",
+            "Generation jobs waiting for a worker (queued, not yet claimed)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.queue_wait = Histogram(
+            "sserelay_queue_wait_seconds",
+            "Time a generation job waited in the queue before a worker claimed it",
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.generations_active = Gauge(
+            "sserelay_generations_active",
+            "Generations this process is running now (its worker role)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.takeovers = Counter(
+            "sserelay_takeovers",
+            "Generations taken over from a worker that stopped renewing its lease",
+            registry=r,
+        )
+        self.continuations = Counter(
+            "sserelay_continuations",
+            "Answers continued in a new attempt, by what ended the previous one",
+            ["reason"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "sserelay_fenced_writes",
+            "Generations stopped because another worker had taken them over",
+            registry=r,
+        )
         self.build = Gauge(
             "sserelay_build_info",
             "Version information",
@@ -268,6 +316,8 @@ class Metrics:
                         self.streams_finished.labels(route, name, model, outcome)
         for reason in _AUTH_REASONS:
             self.auth_failures.labels(reason)
+        for reason in _CONTINUATION_REASONS:
+            self.continuations.labels(reason)
         for rating in _RATINGS:
             self.feedback.labels(rating)
 
@@ -279,15 +329,19 @@ class Metrics:
             self.upstream_errors,
             provider,
             model,
+            self.continuations,
         )
 
     def sent(self, event: str) -> None:
         child = self.event_children.get(event)
         (child or self.events.labels(event)).inc()
 
-    def stream_started(self, route: str, plan: str, model: str) -> None:
+    def stream_started(self, route: str, plan: str, model: str, *, active: bool = True) -> None:
+        """`active`: it runs here now (a queued stream is counted active by the worker
+        that runs it)."""
         self.streams_started.labels(route, plan, model).inc()
-        self.streams_active.labels(route).inc()
+        if active:
+            self.streams_active.labels(route).inc()
 
     def stream_finished(
         self, route: str, plan: str, model: str, outcome: Outcome, *, live: bool = True

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from auth import TicketService, TokenVerifier
 from ratelimit import Limiter
-from streaming import PipelineOptions, Provider, StreamLog, StreamManager
+from streaming import JobQueue, PipelineOptions, Provider, StreamLog, StreamManager
 
 from .accounting import StreamAccounting
 from .authn import Auth
@@ -30,6 +30,7 @@ class Services:
     plans: PlansHolder
     auth: Auth
     log: StreamLog
+    queue: JobQueue
     manager: StreamManager
     providers: dict[str, Provider]
     options: PipelineOptions

@@ -98,7 +98,14 @@ class Settings(BaseSettings):
     max_stream_duration_s: float = Field(default=900, gt=0)
     max_stream_events: int = Field(default=100_000, ge=100)
     orphan_grace_s: float = Field(default=15, gt=0)
-    lease_s: float = Field(default=10, gt=0)
+    generation_lease_s: float = Field(default=10, gt=0)
+    """A running generation's lease: a worker that stops renewing it (dead, paused, cut
+    off) for this long has its generations taken over by another worker."""
+    worker_concurrency: int = Field(default=1000, ge=1)
+    """The most generations one process runs at once; it claims jobs only up to it."""
+    max_takeovers: int = Field(default=5, ge=0)
+    """A stream taken over more often than this (every worker running it died) ends with
+    a retryable `stream_lost` error instead of being continued again."""
     supervisor_tick_s: float = Field(default=1.0, gt=0)
     progress_interval_ms: int = Field(default=250, ge=10)
     coalesce_ms: float = Field(default=10, ge=0)

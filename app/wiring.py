@@ -2,7 +2,8 @@
 
 `build_services` picks the in-memory implementations (the embedded default: one
 process, no setup) or the Redis ones (`SSERELAY_REDIS_URL`: shared by every process) for
-the stream log, the limiter, the request records and the refresh tokens, builds the
+the stream log, the job queue, the limiter, the request records and the refresh tokens,
+builds the
 providers, and registers every close on one `AsyncExitStack`, so the lifespan tears down
 in reverse order whatever was built, even when startup fails half-way.
 """
@@ -15,10 +16,13 @@ from functools import partial
 from ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from streaming import (
     AnthropicProvider,
+    JobQueue,
+    MemoryJobQueue,
     MemoryStreamLog,
     OpenAIProvider,
     PipelineOptions,
     Provider,
+    RedisJobQueue,
     RedisStreamLog,
     SimulatedProvider,
     StreamLog,
@@ -90,6 +94,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
     plans.on_apply(metrics.prime)
     breaker: Breaker | None = None
     log: StreamLog
+    queue: JobQueue
     limiter: Limiter
     records: RecordStore
     if settings.redis_url:
@@ -111,6 +116,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
             max_duration_s=duration,
             max_events=settings.max_stream_events,
         )
+        queue = RedisJobQueue(client, blocking=tail, prefix=settings.redis_prefix)
         limiter = RedisLimiter(client, prefix=settings.redis_prefix, lease_ttl_ms=lease_ms)
         records = RedisRecordStore(
             client,
@@ -123,6 +129,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         log = MemoryStreamLog(
             ttl_s=ttl, max_duration_s=duration, max_events=settings.max_stream_events
         )
+        queue = MemoryJobQueue()
         limiter = MemoryLimiter(lease_ttl_ms=lease_ms)
         records = MemoryRecordStore(max_records=min(settings.records_max, 10_000))
     stack.push_async_callback(log.aclose)
@@ -145,10 +152,9 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
     manager = StreamManager(
         log,
         orphan_grace_s=settings.orphan_grace_s,
-        lease_s=settings.lease_s,
+        lease_s=settings.generation_lease_s,
         tick_s=settings.supervisor_tick_s,
         on_finish=partial(accounting.stream_finished, "streams"),
-        on_lost=accounting.stream_lost,
     )
     stack.push_async_callback(manager.aclose)  # first to close: streams settle first
     return Services(
@@ -156,6 +162,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         plans=plans,
         auth=auth,
         log=log,
+        queue=queue,
         manager=manager,
         providers=providers,
         options=pipeline_options(settings),

@@ -4,13 +4,20 @@ Knows nothing of HTTP routing, auth or plans: the app hands it validated request
 collaborators (a log, providers, prices) and gets numbered events back.
 """
 
-from ._exceptions import StreamingError, StreamLogError, StreamNotFound, UpstreamError
+from ._exceptions import (
+    StreamFenced,
+    StreamingError,
+    StreamLogError,
+    StreamNotFound,
+    UpstreamError,
+)
 from ._tasks import cancel_and_wait
-from .chunks import Chunk, Stop, TextDelta, Usage
+from .chunks import Attempt, Chunk, Stop, TextDelta, Usage
 from .events import PING_FRAME, Event, EventEncoder, encode_data, retry_frame
+from .jobs import Job, JobQueue, MemoryJobQueue, QueueError, RedisJobQueue
 from .log import LogWriter, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog, StreamStatus
 from .manager import StreamManager
-from .pipeline import Generation, Meter, Outcome, PipelineOptions, Pricing, coalesce, meter
+from .pipeline import Generation, Meter, Outcome, PipelineOptions, Resume, coalesce, meter
 from .providers import (
     AnthropicProvider,
     GenerationRequest,
@@ -18,14 +25,24 @@ from .providers import (
     OpenAIProvider,
     Provider,
     SimulatedProvider,
+    estimate_tokens,
     simulated_text,
 )
 from .reader import follow
+from .targets import Pricing, Target
 from .upstream import UpstreamObserver, UpstreamPolicy, normalise, pump
 
 __all__ = [
+    "estimate_tokens",
+    "StreamFenced",
+    "RedisJobQueue",
+    "QueueError",
+    "MemoryJobQueue",
+    "JobQueue",
+    "Job",
     "PING_FRAME",
     "AnthropicProvider",
+    "Attempt",
     "Chunk",
     "Event",
     "EventEncoder",
@@ -41,6 +58,7 @@ __all__ = [
     "Pricing",
     "Provider",
     "RedisStreamLog",
+    "Resume",
     "SimulatedProvider",
     "Stop",
     "StreamInfo",
@@ -49,6 +67,7 @@ __all__ = [
     "StreamManager",
     "StreamNotFound",
     "StreamingError",
+    "Target",
     "TextDelta",
     "StreamStatus",
     "UpstreamError",

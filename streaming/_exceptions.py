@@ -6,6 +6,7 @@ The tree, so callers can catch at the depth they care about::
     ├── UpstreamError              a provider failed; carries `code`, `retryable`, `retry_after`
     ├── StreamNotFound             no such stream (or it expired)
     └── StreamLogError             the stream log's storage failed
+        └── StreamFenced           another process took the stream over: stop writing
 
 Third-party errors (httpx, anthropic, redis) are translated into these at the boundary
 with ``raise ... from exc`` so nothing above this package needs to know which client
@@ -58,3 +59,11 @@ class StreamNotFound(StreamingError):
 
 class StreamLogError(StreamingError):
     code = "stream_log_unavailable"
+
+
+class StreamFenced(StreamLogError):
+    """A write refused because the stream's fencing epoch moved on: another process took
+    the generation over (this one was paused or cut off past its lease). The writer
+    must stop, write nothing more and leave the stream to its new owner."""
+
+    code = "stream_fenced"

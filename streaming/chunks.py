@@ -39,3 +39,22 @@ class Stop:
 
 
 Chunk = TextDelta | Usage | Stop
+
+
+@dataclass(slots=True)
+class Attempt:
+    """Not from a provider: the upstream reader's mark that a new attempt starts, so
+    that usage is summed per attempt and the reader can be told the answer goes on.
+
+    `target` indexes the generation's targets (0: the model asked for); `reason` is the
+    code of what ended the previous attempt (`takeover`: another process ran it);
+    `continued`: text went out already, so this attempt continues it (or it runs on
+    another model): the reader is told with a `continued` event."""
+
+    number: int
+    target: int
+    model: str
+    provider: str
+    reason: str
+    input_estimate: int
+    continued: bool

@@ -4,7 +4,8 @@ A stream runs as a task writing to the stream log, detached from any connection,
 readers can drop and come back. One supervisor loop per process renews the leases of
 all its streams in a single store round trip and, from the same reply, cancels those
 someone asked to cancel (from any process) and those nobody has read for the grace
-period: nobody pays for tokens nobody will read.
+period (nobody pays for tokens nobody will read), and stops at once, writing nothing,
+those another process took over (their fencing epoch moved on).
 """
 
 from __future__ import annotations
@@ -14,26 +15,30 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ._exceptions import StreamingError, StreamLogError
+from ._exceptions import StreamFenced, StreamingError
 from ._tasks import cancel_and_wait
-from .events import Event, EventEncoder
+from .events import Event
 from .log import LogWriter, StreamInfo, StreamLog, StreamStatus
-from .pipeline import Generation, Outcome, Pricing
+from .pipeline import Generation, Outcome, Resume
 from .providers.base import estimate_tokens
+from .targets import Pricing
 
 logger = logging.getLogger("sserelay.streams")
 
 OnFinish = Callable[[StreamInfo, Generation], Awaitable[None]]
-OnLost = Callable[[StreamInfo, Outcome], Awaitable[None]]
-"""Called once for a stream whose process died, by the process that wrote its end."""
+OnEnd = Callable[[str], Awaitable[None]]
+"""Called once a stream is over here: `finished` (its end written), `handover` (left
+for another process on drain) or `fenced` (another process took it over)."""
 
-StopReason = Literal["cancelled", "orphaned", "shutdown", "finishing"]
+StopReason = Literal["cancelled", "orphaned", "shutdown", "finishing", "fenced", "handover"]
 
-_REASONS: dict[StopReason, tuple[str, bool]] = {
-    "cancelled": ("the stream was cancelled", False),
-    "orphaned": ("nobody was reading the stream", False),
-    "shutdown": ("the server is shutting down; retry", True),
+_REASONS: dict[StopReason, tuple[str, bool, StreamStatus]] = {
+    "cancelled": ("the stream was cancelled", False, "cancelled"),
+    "orphaned": ("nobody was reading the stream", False, "orphaned"),
+    "shutdown": ("the server is shutting down; retry", True, "shutdown"),
 }
+"""The reasons a stream stops here with a last word; the others (fenced, handover)
+leave it to another process, writing nothing."""
 
 
 class StreamManager:
@@ -45,47 +50,70 @@ class StreamManager:
         lease_s: float = 10.0,
         tick_s: float = 1.0,
         on_finish: OnFinish | None = None,
-        on_lost: OnLost | None = None,
-        sweep_s: float | None = None,
     ) -> None:
-        """`sweep_s`: how often to look for streams whose process died (default: half
-        the lease), so their end is written and their usage settled even when nobody
-        reads them."""
         self.log = log
         self.orphan_grace_s = orphan_grace_s
         self.lease_s = lease_s
         self.tick_s = tick_s
-        self.sweep_s = sweep_s if sweep_s is not None else lease_s / 2
         self._on_finish = on_finish
-        self._on_lost = on_lost
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._epochs: dict[str, int] = {}
         self._reasons: dict[str, StopReason] = {}
         self._finishing: set[asyncio.Future[Any]] = set()
         self._supervisor: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> int:
         return len(self._running)
 
+    def running(self) -> list[str]:
+        return list(self._running)
+
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise(), name="stream-supervisor")
-        self._sweeper = asyncio.create_task(self._janitor(), name="stream-janitor")
 
     async def aclose(self) -> None:
         """Stop every local generation (each ends with a retryable `error` event)."""
-        for task in (self._supervisor, self._sweeper):
-            if task is not None:
-                task.cancel()
+        await self._stop_all("shutdown")
+
+    async def hand_over(self) -> None:
+        """Stop every local generation without ending it: what was generated is logged,
+        the leases are given up, and another process takes the streams over."""
+        await self._stop_all("handover")
+
+    async def _stop_all(self, reason: StopReason) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         for stream_id in list(self._running):
-            self._stop(stream_id, "shutdown")
+            self._stop(stream_id, reason)
         await cancel_and_wait(list(self._running.values()))
         if self._finishing:  # their usage settles before the stores close
             await asyncio.wait(list(self._finishing))
 
+    async def create(self, info: StreamInfo) -> None:
+        """Register a stream for whoever will generate it; a reader counts as attached
+        for the orphan grace period, giving the client time to connect."""
+        await self.log.create(info, reader_grace_s=self.orphan_grace_s)
+
     async def launch(self, info: StreamInfo, generation: Generation) -> None:
+        """Create a stream and generate it here."""
         await self.log.create(info, reader_grace_s=self.orphan_grace_s, lease_s=self.lease_s)
-        task = asyncio.create_task(self._run(info, generation), name=f"stream-{info.id}")
+        self.run(info, generation, epoch=1)
+
+    def run(
+        self,
+        info: StreamInfo,
+        generation: Generation,
+        *,
+        epoch: int,
+        on_end: OnEnd | None = None,
+    ) -> None:
+        """Generate a stream this process owns at `epoch` (see `StreamLog.take`);
+        `on_end` runs once it is over here."""
+        self._epochs[info.id] = epoch
+        task = asyncio.create_task(
+            self._run(info, generation, epoch, on_end), name=f"stream-{info.id}"
+        )
         self._running[info.id] = task
 
     async def cancel(self, stream_id: str) -> None:
@@ -101,13 +129,15 @@ class StreamManager:
             self._reasons[stream_id] = reason
             task.cancel()
 
-    async def _run(self, info: StreamInfo, generation: Generation) -> None:
-        writer = LogWriter(self.log, info.id)
+    async def _run(
+        self, info: StreamInfo, generation: Generation, epoch: int, on_end: OnEnd | None
+    ) -> None:
+        writer = LogWriter(self.log, info.id, epoch)
         try:
             async for event in generation.events():
                 writer.add(event)
                 if writer.error is not None:
-                    raise StreamLogError("cannot append to the stream log")
+                    raise writer.error
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -115,8 +145,11 @@ class StreamManager:
             reason = self._reasons.get(info.id, "cancelled")
             if reason == "finishing":
                 reason = "cancelled"
-            message, retryable = _REASONS[reason]
-            writer.add(generation.abort(reason, message, retryable=retryable, status=reason))
+            if reason in _REASONS:
+                message, retryable, status = _REASONS[reason]
+                writer.add(generation.abort(reason, message, retryable=retryable, status=status))
+        except StreamFenced:
+            self._reasons[info.id] = "fenced"
         except StreamingError:
             generation.abort(
                 "stream_log_unavailable", "the stream could not be stored", retryable=True
@@ -126,94 +159,49 @@ class StreamManager:
             # bookkeeping, or the finish hook would never run and the stream would stay
             # "running" in the log.
             self._reasons.setdefault(info.id, "finishing")
-            finish = asyncio.ensure_future(self._finish(info, generation, writer))
+            finish = asyncio.ensure_future(self._finish(info, generation, writer, on_end))
             self._finishing.add(finish)
             finish.add_done_callback(self._finishing.discard)
             await asyncio.shield(finish)
 
-    async def _finish(self, info: StreamInfo, generation: Generation, writer: LogWriter) -> None:
+    async def _finish(
+        self, info: StreamInfo, generation: Generation, writer: LogWriter, on_end: OnEnd | None
+    ) -> None:
         await writer.close()
+        reason = self._reasons.get(info.id)
+        finished = reason not in ("fenced", "handover")
+        if reason == "handover" and isinstance(writer.error, StreamFenced):
+            finished = False
         try:
-            await self.log.finish(info.id, generation.outcome.status)
+            if not finished:
+                if reason == "handover":
+                    await self.log.release(info.id, writer.epoch)
+            else:
+                await self.log.finish(info.id, generation.outcome.status, epoch=writer.epoch)
+        except StreamFenced:
+            finished = False
         except StreamingError as exc:
             logger.error("stream %s: cannot record its end: %s", info.id, exc)
+        if not finished:
+            logger.info(
+                "stream %s: %s",
+                info.id,
+                "handed over" if reason == "handover" else "taken over by another process",
+            )
         self._running.pop(info.id, None)
         self._reasons.pop(info.id, None)
-        if self._on_finish is not None:
+        self._epochs.pop(info.id, None)
+        if finished and self._on_finish is not None:
             try:
                 await self._on_finish(info, generation)
             except Exception:
                 logger.exception("stream %s: finish hook failed", info.id)
-
-    async def end_lost(self, stream_id: str) -> bool:
-        """Write the end of a stream whose generating process died, and bill it for what
-        its log shows it used: the deltas logged and the input estimate.
-
-        Exactly one process wins (`claim_end` checks and writes atomically that the
-        stream still runs, that nobody holds its lease, and that the end's id is the
-        next one); the winner runs the `on_lost` hook. The claim and the hook run in a
-        task of their own, so a caller cancelled meanwhile (a reader leaving) cannot
-        end a stream without settling it. False if the stream is alive, already ended,
-        or someone else ended it first."""
-        if stream_id in self._running:
-            return False
-        task = asyncio.ensure_future(self._end_lost(stream_id))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-        return await asyncio.shield(task)
-
-    async def _end_lost(self, stream_id: str) -> bool:
-        info = await self.log.info(stream_id)
-        if info is None or info.status != "running":
-            return False
-        events: list[Event] = []
-        while batch := await self.log.read(stream_id, events[-1].id if events else 0, limit=5000):
-            events.extend(batch)
-        if events and events[-1].terminal:
-            # It ended, but its process died before recording that (or settling it).
-            outcome = _terminal_usage(events[-1])
-            if not await self.log.claim_end(stream_id, None, outcome.status):
-                return False
-        else:
-            outcome = _logged_usage(info, events)
-            end = EventEncoder(events[-1].id if events else 0)(
-                "error",
-                {
-                    "code": "stream_lost",
-                    "message": "the stream stopped before it finished",
-                    "retryable": True,
-                    "usage": {
-                        "input_tokens": outcome.input_tokens,
-                        "output_tokens": outcome.output_tokens,
-                    },
-                    "cost_usd": outcome.cost_usd,
-                },
-            )
-            if not await self.log.claim_end(stream_id, end, "lost"):
-                return False
-        logger.warning("stream %s: its process died; ended it as %s", stream_id, outcome.status)
-        if self._on_lost is not None:
+        if on_end is not None:
+            how = "finished" if finished else "handover" if reason == "handover" else "fenced"
             try:
-                await self._on_lost(info, outcome)
+                await on_end(how)
             except Exception:
-                logger.exception("stream %s: lost-stream hook failed", stream_id)
-        return True
-
-    async def _janitor(self) -> None:
-        """Ends the streams of processes that died, even when nobody reads them. Its own
-        task, so a slow sweep never delays the lease renewals of this process's streams."""
-        while True:
-            await asyncio.sleep(self.sweep_s)
-            try:
-                lost = await self.log.lost()
-            except StreamingError as exc:
-                logger.warning("cannot look for lost streams: %s", exc)
-                continue
-            for stream_id in lost:
-                try:
-                    await self.end_lost(stream_id)
-                except Exception:  # one broken stream must not stop the sweep
-                    logger.exception("stream %s: cannot end it as lost", stream_id)
+                logger.exception("stream %s: end hook failed", info.id)
 
     async def _supervise(self) -> None:
         while True:
@@ -221,12 +209,15 @@ class StreamManager:
             if not self._running:
                 continue
             try:
-                controls = await self.log.renew(list(self._running), self.lease_s)
+                controls = await self.log.renew(dict(self._epochs), self.lease_s)
             except StreamingError as exc:
                 logger.warning("cannot renew stream leases: %s", exc)
                 continue
             for stream_id, control in controls.items():
-                if control.cancel_requested:
+                if not control.owned:
+                    logger.warning("stream %s: another process took it over", stream_id)
+                    self._stop(stream_id, "fenced")
+                elif control.cancel_requested:
                     self._stop(stream_id, "cancelled")
                 elif not control.reader_attached:
                     logger.info(
@@ -237,30 +228,46 @@ class StreamManager:
                     self._stop(stream_id, "orphaned")
 
 
-def _logged_usage(info: StreamInfo, events: list[Event]) -> Outcome:
-    """What a stream used, judged from its log alone: output tokens as of the last
-    `progress`, plus an estimate for the text logged after it; the input estimate."""
-    output, chars_after = 0, 0
+def resume_point(info: StreamInfo, events: list[Event], now: float) -> Resume:
+    """Where a stream stood, judged from its log alone: the answer so far, output tokens
+    as of the last `progress` plus an estimate for the text logged after it, and the
+    prompt's estimate as what earlier attempts used of the input."""
+    output, chars_after, percent = 0, 0, 0.0
+    parts: list[str] = []
     for event in events:
         if event.name == "progress":
             data = event.json()
             output, chars_after = int(data["output_tokens"]), 0
+            percent = float(data.get("percent") or 0.0)
         elif event.name == "delta":
-            chars_after += len(event.json()["text"])
+            text = event.json()["text"]
+            parts.append(text)
+            chars_after += len(text)
     if chars_after:
         output += estimate_tokens(chars_after)
-    input_tokens = info.input_tokens if events and output else 0
-    pricing = Pricing(info.input_usd_per_mtok, info.output_usd_per_mtok)
-    return Outcome(
-        status="lost",
-        error_code="stream_lost",
-        input_tokens=input_tokens,
+    return Resume(
+        text="".join(parts),
+        last_id=events[-1].id if events else 0,
         output_tokens=output,
-        cost_usd=pricing.cost(input_tokens, output),
+        input_tokens=info.input_tokens if parts else 0,
+        percent=percent,
+        elapsed_s=max(0.0, now - info.created_at),
     )
 
 
-def _terminal_usage(event: Event) -> Outcome:
+def logged_outcome(info: StreamInfo, resume: Resume, code: str) -> Outcome:
+    """What a stream that ends without continuing used: what its log shows."""
+    pricing = Pricing(info.input_usd_per_mtok, info.output_usd_per_mtok)
+    return Outcome(
+        status="error",
+        error_code=code,
+        input_tokens=resume.input_tokens,
+        output_tokens=resume.output_tokens,
+        cost_usd=pricing.cost(resume.input_tokens, resume.output_tokens),
+    )
+
+
+def terminal_outcome(event: Event) -> Outcome:
     """How a stream ended, from its terminal event (which carries its usage)."""
     data = event.json()
     usage = data.get("usage") or {}

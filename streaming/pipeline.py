@@ -13,20 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ._exceptions import UpstreamError
-from .chunks import Chunk, Stop, TextDelta, Usage
+from .chunks import Attempt, Chunk, Stop, TextDelta, Usage
 from .events import Event, EventEncoder
 from .log.base import StreamStatus
 from .providers.base import GenerationRequest, Provider, estimate_tokens
+from .targets import Pricing, Target
 from .upstream import UpstreamObserver, UpstreamPolicy, pump
 
 logger = logging.getLogger("sserelay.pipeline")
 
-Item = TextDelta | Usage | Stop
+Item = TextDelta | Usage | Stop | Attempt
 T = TypeVar("T")
 
 
@@ -102,16 +103,6 @@ class Mailbox(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Pricing:
-    input_usd_per_mtok: float = 0.0
-    output_usd_per_mtok: float = 0.0
-
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        usd = input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok
-        return round(usd / 1_000_000, 8)
-
-
-@dataclass(frozen=True, slots=True)
 class PipelineOptions:
     coalesce_window_s: float = 0.01
     coalesce_max_chars: int = 2048
@@ -124,7 +115,7 @@ class PipelineOptions:
 
 
 async def coalesce(
-    queue: Mailbox[Chunk | BaseException], window_s: float, max_chars: int
+    queue: Mailbox[Chunk | Attempt | BaseException], window_s: float, max_chars: int
 ) -> AsyncIterator[Item]:
     """Merge text that arrives close together into one delta.
 
@@ -139,7 +130,7 @@ async def coalesce(
     tokens = size = 0
     hold_until = 0.0
     while True:
-        item: Chunk | BaseException | None
+        item: Chunk | Attempt | BaseException | None
         if parts and queue.empty():
             item = None
             delay = hold_until - loop.time()
@@ -189,7 +180,10 @@ class Meter:
     """Running counts for one stream: what it has cost so far, and what it will cost.
 
     Estimates (about one token per upstream chunk, four characters per input token) are
-    replaced by the provider's reported usage as soon as it arrives.
+    replaced by the provider's reported usage as soon as it arrives. A stream may take
+    several attempts (a retry, a continuation, a fallback model): each one's input and
+    output are billed, so the counts of attempts that ended are kept apart (`prior_*`)
+    and added to the current one's.
     """
 
     def __init__(
@@ -211,7 +205,15 @@ class Meter:
         self.accepted = False
         """Whether the provider accepted the request (sent any usage, or any text)."""
         self.output_tokens = 0
+        """All attempts' output so far (what progress shows)."""
         self.reported_output: int | None = None
+        self.attempt_output = 0
+        self.attempt_chars = 0
+        self.prior_input = 0
+        self.prior_output = 0
+        self.prior_cost = 0.0
+        self.resumed = False
+        """Another process started this stream: its time to first token is not known."""
         self.chars = 0
         self.started = started
         self.first_token_at: float | None = None
@@ -221,16 +223,41 @@ class Meter:
 
     @property
     def cost_usd(self) -> float:
-        return self.pricing.cost(self.input_tokens, self.output_tokens)
+        current = self.pricing.cost(self.input_tokens, self.output_tokens - self.prior_output)
+        return round(self.prior_cost + current, 8)
+
+    @property
+    def total_input(self) -> int:
+        return self.prior_input + self.input_tokens
 
     @property
     def ttft_ms(self) -> int | None:
-        if self.first_token_at is None:
+        if self.first_token_at is None or self.resumed:
             return None
         return round((self.first_token_at - self.started) * 1000)
 
     def usage(self) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        return {"input_tokens": self.total_input, "output_tokens": self.output_tokens}
+
+    def settle_attempt(self) -> tuple[int, int]:
+        """The current attempt's (input, output): its prompt is billed once the provider
+        accepted it or wrote anything."""
+        if not self.accepted and self.attempt_chars == 0:
+            self.input_tokens = 0
+        return self.input_tokens, self.output_tokens - self.prior_output
+
+    def next_attempt(self, pricing: Pricing, input_estimate: int) -> tuple[int, int]:
+        """Close the current attempt's counts (returned) and start the next one's."""
+        used_in, used_out = self.settle_attempt()
+        self.prior_cost += self.pricing.cost(used_in, used_out)
+        self.prior_input += used_in
+        self.prior_output = self.output_tokens
+        self.pricing = pricing
+        self.input_tokens = input_estimate
+        self.input_reported = self.accepted = False
+        self.reported_output = None
+        self.attempt_output = self.attempt_chars = 0
+        return used_in, used_out
 
     def progress(self, now: float, *, final: bool = False) -> dict[str, Any]:
         out = self.output_tokens
@@ -265,10 +292,13 @@ async def meter(
     state: Meter,
     clock: Callable[[], float],
     observer: UpstreamObserver | None = None,
+    on_attempt: Callable[[Attempt], dict[str, Any] | None] | None = None,
 ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
     """Turn text and usage into `delta` and (rate-limited) `progress` events; on `Stop`,
     one last `progress` at 100 % and `done` with the provider's usage. The first text
     is reported to `observer` (time to first token) before its `delta` is yielded.
+    `on_attempt` switches the meter to a new attempt and says what the `continued`
+    event carries (None: nothing to tell the reader).
 
     Events are yielded in groups, one group per item, so that what is produced together
     can be written to the client together (one socket write, not one per event)."""
@@ -280,8 +310,11 @@ async def meter(
                 if observer is not None:
                     observer.first_token(now - state.started)
             index = state.chars
-            state.chars += utf16_len(item.text)
+            size = utf16_len(item.text)
+            state.chars += size
+            state.attempt_chars += size
             state.output_tokens += item.tokens
+            state.attempt_output += item.tokens
             delta = ("delta", {"text": item.text, "index": index})
             if now >= state.next_progress:
                 state.next_progress = now + state.interval
@@ -295,9 +328,13 @@ async def meter(
                 state.input_reported = True
             if item.output_tokens is not None:
                 state.reported_output = item.output_tokens
+        elif isinstance(item, Attempt):
+            told = on_attempt(item) if on_attempt is not None else None
+            if told is not None:
+                yield [("continued", told)]
         else:
             if state.reported_output is not None:
-                state.output_tokens = state.reported_output
+                state.output_tokens = state.prior_output + state.reported_output
             now = clock()
             yield [
                 ("progress", state.progress(now, final=True)),
@@ -313,6 +350,19 @@ async def meter(
                 ),
             ]
             return
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a stream stood when its process stopped, read from its log: the answer so
+    far, the last event id, what it had used and how far it had got."""
+
+    text: str
+    last_id: int
+    output_tokens: int
+    input_tokens: int
+    percent: float = 0.0
+    elapsed_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -346,9 +396,16 @@ class Generation:
         clock: Callable[[], float] = time.monotonic,
         observer: UpstreamObserver | None = None,
         keep_text: bool = False,
+        model: str = "",
+        continuation: bool = False,
+        fallbacks: Sequence[Target] = (),
+        resume: Resume | None = None,
     ) -> None:
         """`keep_text` keeps the generated text (for request records that store it);
-        off, nothing but counters is kept per stream."""
+        off, nothing but counters is kept per stream. `continuation`: the model can
+        continue a partial answer (prefill); `fallbacks`: the models to try, in order,
+        once its attempts are spent. `resume`: where another process left this stream
+        (the events go on from its last id, and the answer from its text)."""
         self.provider = provider
         self.observer = observer
         self.parts: list[str] | None = [] if keep_text else None
@@ -356,7 +413,12 @@ class Generation:
         self.options = options
         self.clock = clock
         self.start_data = start_data
-        self.encode = EventEncoder()
+        self.targets = (
+            Target(provider, request, model, pricing, continuation),
+            *fallbacks,
+        )
+        self.resume = resume
+        self.encode = EventEncoder(resume.last_id if resume is not None else 0)
         expected = provider.expected_output_tokens(request) or request.max_tokens
         self.meter = Meter(
             pricing=pricing,
@@ -366,7 +428,43 @@ class Generation:
             progress_interval_s=options.progress_interval_s,
             started=clock(),
         )
+        self.attempts: list[dict[str, Any]] = [
+            {"model": model, "provider": provider.name, "reason": None}
+        ]
+        """Each attempt's model, why it started, and what it used: for the record."""
+        if resume is not None:
+            m = self.meter
+            m.resumed = True
+            m.started -= resume.elapsed_s
+            m.chars = utf16_len(resume.text)
+            m.output_tokens = m.prior_output = resume.output_tokens
+            m.prior_input = resume.input_tokens
+            m.prior_cost = pricing.cost(resume.input_tokens, resume.output_tokens)
+            m.percent = resume.percent
+            if resume.text:
+                m.first_token_at = m.started
+            if self.parts is not None and resume.text:
+                self.parts.append(resume.text)
+            self.attempts[0]["reason"] = "takeover"
         self.outcome = Outcome()
+
+    def _on_attempt(self, attempt: Attempt) -> dict[str, Any] | None:
+        target = self.targets[attempt.target]
+        used_in, used_out = self.meter.next_attempt(target.pricing, attempt.input_estimate)
+        self.attempts[-1].update(input_tokens=used_in, output_tokens=used_out)
+        self.attempts.append(
+            {"model": target.model, "provider": target.provider.name, "reason": attempt.reason}
+        )
+        if not attempt.continued:
+            return None
+        if self.observer is not None:
+            self.observer.continued(attempt.reason)
+        return {
+            "attempt": attempt.number,
+            "reason": attempt.reason,
+            "model": target.model,
+            "provider": target.provider.name,
+        }
 
     async def events(self) -> AsyncIterator[Event]:
         batches = self.batches()
@@ -381,13 +479,16 @@ class Generation:
         """The events, grouped as they were produced: a consumer that writes a group at
         once makes one write where it would make two or three."""
         encode = self.encode
-        yield [encode("start", self.start_data)]
-        queue: Mailbox[Chunk | BaseException] = Mailbox(self.options.buffer_bytes)
+        if encode.last_id == 0:
+            yield [encode("start", self.start_data)]
+        queue: Mailbox[Chunk | Attempt | BaseException] = Mailbox(self.options.buffer_bytes)
         task = asyncio.create_task(self._pump(queue))
         try:
             items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
             parts = self.parts
-            async for group in meter(items, self.meter, self.clock, self.observer):
+            async for group in meter(
+                items, self.meter, self.clock, self.observer, self._on_attempt
+            ):
                 batch = []
                 for name, data in group:
                     if parts is not None and name == "delta":
@@ -408,16 +509,19 @@ class Generation:
             except asyncio.CancelledError:
                 pass
 
-    async def _pump(self, queue: Mailbox[Chunk | BaseException]) -> None:
+    async def _pump(self, queue: Mailbox[Chunk | Attempt | BaseException]) -> None:
         def count_retry(error: UpstreamError, attempt: int) -> None:
             self.outcome.retries = attempt
 
+        resume = self.resume
         try:
             await pump(
-                self.provider,
-                self.request,
+                self.targets[0],
                 self.options.upstream,
                 queue.put_nowait,
+                fallbacks=self.targets[1:],
+                text=resume.text if resume is not None else "",
+                output_tokens=resume.output_tokens if resume is not None else 0,
                 on_retry=count_retry,
                 observer=self.observer,
                 full=queue.full,
@@ -460,9 +564,9 @@ class Generation:
         for, so its input is not billed either. Once accepted, the prompt is billed: the
         provider's count, or else the estimate."""
         m, o = self.meter, self.outcome
-        if not m.accepted and m.chars == 0:
-            m.input_tokens = 0
+        used_in, used_out = m.settle_attempt()
+        self.attempts[-1].update(input_tokens=used_in, output_tokens=used_out)
         o.status, o.stop_reason, o.error_code = status, stop_reason, error_code
-        o.input_tokens, o.output_tokens, o.cost_usd = m.input_tokens, m.output_tokens, m.cost_usd
+        o.input_tokens, o.output_tokens, o.cost_usd = m.total_input, m.output_tokens, m.cost_usd
         o.ttft_ms = m.ttft_ms
         o.duration_ms = round((self.clock() - m.started) * 1000)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 
 from .events import Event, EventEncoder
 from .log import StreamLog
@@ -15,16 +15,14 @@ async def follow(
     after: int,
     *,
     grace_s: float,
-    end_lost: Callable[[str], Awaitable[bool]],
 ) -> AsyncGenerator[list[Event], None]:
     """Yield events with id > `after` until the terminal one, in the groups the log
     returned them (a reader catching up writes a group to its client at once).
 
     While it waits it tells the log a reader is attached (so the stream is not cancelled
-    as orphaned) at a third of the grace period. If the stream is still `running` but
-    the process generating it stopped renewing its lease, it crashed: `end_lost` writes
-    its end (a retryable `stream_lost` error with the usage the log shows, billed once)
-    and the reader relays it, instead of waiting forever on a stream that will never end.
+    as orphaned) at a third of the grace period. A stream still `running` with nobody
+    generating it is waiting for a worker (queued, or its worker stopped and another
+    will take it over): the reader waits too, and relays what the next owner writes.
     """
     last = after
     heartbeat = grace_s / 3
@@ -51,7 +49,7 @@ async def follow(
             return
         if liveness.status == "running" and liveness.generating:
             continue
-        # Ended, or its generator died: whatever was appended before that is final.
+        # Ended (what was appended before that is final), or waiting for a worker.
         tail = _upto_terminal(await log.read(stream_id, last))
         if tail:
             yield tail
@@ -62,11 +60,6 @@ async def follow(
             # It ended, but its end never reached the log (the log failed under it).
             yield [_ended(last)]
             return
-        else:
-            # The end is written to the log, so every reader, now or reconnecting, sees
-            # the same terminal event under a real id; the next read relays it. If the
-            # generator got there first it is alive after all, and reading goes on.
-            await end_lost(stream_id)
 
 
 def _expired(last: int) -> Event:

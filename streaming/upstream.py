@@ -1,22 +1,25 @@
-"""Reading a provider: normalising its chunks, timeouts, and retries.
+"""Reading a provider: normalising its chunks, timeouts, retries and continuation.
 
-Retrying is only safe while nothing has been relayed: once a client has seen text, a
-second attempt would produce different text. So the reader holds back everything that
-precedes the first text (input usage, say), and retries only until it lets text through.
+Retrying as is is only safe while nothing has been relayed: once a client has seen text,
+a second attempt would produce different text. After that, a failed attempt is followed
+by one that continues the same answer (the text so far sent as a prefill), on models set
+up to continue; the reader sees one answer, no character lost or repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from ._exceptions import UpstreamError
-from .chunks import Chunk, Stop, TextDelta, Usage
-from .providers.base import GenerationRequest, Provider
+from .chunks import Attempt, Chunk, Stop, TextDelta, Usage
+from .providers.base import GenerationRequest, Provider, estimate_tokens
+from .targets import Target
 
 logger = logging.getLogger("sserelay.upstream")
 
@@ -62,7 +65,7 @@ async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]
     )
 
 
-Sink = Callable[[Chunk | BaseException], None]
+Sink = Callable[[Chunk | Attempt | BaseException], None]
 
 
 class _Watchdog:
@@ -126,94 +129,223 @@ class UpstreamObserver(Protocol):
         """Time from the request to its first text, once per stream, as that text goes
         out (called by the pipeline's `meter`, not by `pump`)."""
 
+    def continued(self, reason: str) -> None:
+        """The answer goes on in a new attempt (after `reason`) or on another model."""
+
+
+def _plan(targets: Sequence[Target], max_attempts: int) -> list[int]:
+    """The order of attempts: the model asked for, `max_attempts` times, then each
+    fallback once."""
+    return [0] * max_attempts + list(range(1, len(targets)))
+
 
 async def pump(
-    provider: Provider,
-    request: GenerationRequest,
+    target: Target,
     policy: UpstreamPolicy,
     put: Sink,
     *,
+    fallbacks: Sequence[Target] = (),
+    text: str = "",
+    output_tokens: int = 0,
     on_retry: Callable[[UpstreamError, int], None] | None = None,
     observer: UpstreamObserver | None = None,
     full: Callable[[], bool] | None = None,
     space: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Read the provider into `put` until it stops, with retries and read timeouts.
+    """Read the provider into `put` until it stops, with retries, continuation and read
+    timeouts.
 
     Every chunk ends up in `put`, followed by nothing after a `Stop`, or by the
-    exception that ended the stream. `put` must not block: the timeouts here bound only
-    time spent waiting on the provider, never time spent by whoever consumes. When
-    `full()` says the consumer is far behind, reading waits for `space()` (the provider's
-    connection then fills up and it pauses too), with the timeouts held meanwhile.
+    exception that ended the stream. Before any text went out, a failed attempt is
+    retried as is (`max_attempts` times, then each fallback once). After text went out,
+    the next attempt continues it: the text so far is sent as a prefill (without its
+    trailing whitespace, which providers refuse; the same whitespace is then dropped
+    from the start of what comes back), to targets that can continue only. An `Attempt`
+    mark precedes every attempt after the first. `text` (and its `output_tokens`) is an
+    answer another process started: the first attempt continues it.
+
+    `put` must not block: the timeouts here bound only time spent waiting on the
+    provider, never time spent by whoever consumes. When `full()` says the consumer is
+    far behind, reading waits for `space()` (the provider's connection then fills up and
+    it pauses too), with the timeouts held meanwhile.
     """
-    loop = asyncio.get_running_loop()
-    attempt = 0
+    targets = (target, *fallbacks)
+    plan = _plan(targets, policy.max_attempts)
+    answer = _Answer(text, output_tokens)
+    reason = "takeover" if text else ""
+    error: UpstreamError | None = None
+    tries = 0  # attempts of the current target
+    number = 0
+    step = 0
     while True:
-        attempt += 1
-        relayed = False
-        last_text = 0.0
+        if answer.parts:  # only a target that can continue may take over an answer
+            while step < len(plan) and not targets[plan[step]].prefill:
+                step += 1
+        if step >= len(plan):
+            put(
+                error
+                if error is not None
+                else UpstreamError(
+                    "the answer stopped and no model is set up to continue it",
+                    code="upstream_dropped",
+                    retryable=True,
+                )
+            )
+            return
+        index = plan[step]
+        step += 1
+        current = targets[index]
+        tries = tries + 1 if number and index == plan[step - 2] else 1
+        number += 1
+        request = current.request
+        trim = ""
+        if answer.parts:
+            so_far = answer.text()
+            prefill = so_far.rstrip()
+            trim = so_far[len(prefill) :]
+            request = dataclasses.replace(
+                request,
+                prefill=prefill,
+                max_tokens=max(1, request.max_tokens - answer.tokens),
+            )
+        if number > 1 or reason:
+            put(
+                Attempt(
+                    number=number,
+                    target=index,
+                    model=current.model,
+                    provider=current.provider.name,
+                    reason=reason,
+                    input_estimate=estimate_tokens(request.prompt_chars()),
+                    continued=bool(answer.parts) or index != 0,
+                )
+            )
+        error = await _attempt(
+            current.provider, request, policy, put, answer, trim, observer, full, space
+        )
+        if error is None:
+            return
         if observer is not None:
-            observer.attempt()
-        source = normalise(provider.stream(request))
-        watchdog = _Watchdog(loop, policy.first_token_timeout_s)
-        try:
-            async for chunk in source:
-                if observer is not None and isinstance(chunk, TextDelta):
+            observer.failed(error.code)
+        if not error.retryable:
+            put(error)
+            return
+        delay = policy.backoff(tries, error.retry_after)
+        same = step < len(plan) and plan[step] == index
+        if delay is None and same:  # the provider asks for longer than we may hold
+            while step < len(plan) and plan[step] == index:
+                step += 1
+            same = False
+        if step >= len(plan):
+            put(error)
+            return
+        logger.info(
+            "provider %s failed with %s (attempt %d)%s",
+            current.provider.name,
+            error.code,
+            number,
+            ", continuing the answer" if answer.parts else "",
+        )
+        if on_retry is not None:
+            on_retry(error, number)
+        reason = error.code
+        if same and delay:
+            await asyncio.sleep(delay)
+
+
+class _Answer:
+    """The text relayed so far (what a continuation must carry on from)."""
+
+    __slots__ = ("parts", "tokens")
+
+    def __init__(self, text: str, tokens: int) -> None:
+        self.parts = [text] if text else []
+        self.tokens = tokens
+
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+
+async def _attempt(
+    provider: Provider,
+    request: GenerationRequest,
+    policy: UpstreamPolicy,
+    put: Sink,
+    answer: _Answer,
+    trim: str,
+    observer: UpstreamObserver | None,
+    full: Callable[[], bool] | None,
+    space: Callable[[], Awaitable[None]] | None,
+) -> UpstreamError | None:
+    """One call to the provider, into `put`; None once it stopped normally, else the
+    error that ended it. `trim`: whitespace the answer already has, dropped from the
+    start of this attempt's text."""
+    loop = asyncio.get_running_loop()
+    started = False
+    last_text = 0.0
+    if observer is not None:
+        observer.attempt()
+    source = normalise(provider.stream(request))
+    watchdog = _Watchdog(loop, policy.first_token_timeout_s)
+    try:
+        async for chunk in source:
+            if isinstance(chunk, TextDelta):
+                if observer is not None:
                     now = loop.time()
                     if last_text:
                         observer.gap(now - last_text)
                     last_text = now
-                if relayed:
-                    watchdog.active()
-                    put(chunk)
-                    if full is not None and space is not None and full():
-                        watchdog.held = True
-                        await space()
-                        watchdog.held = False
+                if trim:
+                    text = chunk.text
+                    while trim and text and text[0] == trim[0]:
+                        text, trim = text[1:], trim[1:]
+                    if text and trim:
+                        trim = ""  # it went another way: keep what it wrote
+                    if not text:
+                        if not started:
+                            watchdog.switch(policy.idle_timeout_s)
+                            started = True
                         watchdog.active()
-                elif isinstance(chunk, TextDelta | Stop):
-                    # Only text ends the wait for the first token: usage that some
-                    # providers send at once must not turn it into the idle timeout.
-                    watchdog.switch(policy.idle_timeout_s)
-                    relayed = True
-                    put(chunk)
-                else:
-                    # Usage at once, text or not: an accepted request is billed its
-                    # prompt even if it ends before its first token. (A retried
-                    # attempt's count is replaced by the next attempt's.)
-                    put(chunk)
-            return
-        except asyncio.CancelledError:
-            if not watchdog.fired:
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            error = UpstreamError(
-                "the provider sent nothing for too long"
-                if relayed
-                else "the provider did not start answering in time",
-                code="upstream_timeout",
-                retryable=True,
-            )
-        except UpstreamError as exc:
-            error = exc
-        finally:
-            watchdog.stop()
-            await source.aclose()
-        if observer is not None:
-            observer.failed(error.code)
-        delay = policy.backoff(attempt, error.retry_after)
-        if relayed or not error.retryable or attempt >= policy.max_attempts or delay is None:
-            put(error)
-            return
-        logger.info(
-            "retrying provider %s after %s (attempt %d, in %.2fs)",
-            provider.name,
-            error.code,
-            attempt,
-            delay,
+                        continue
+                    chunk = TextDelta(text, chunk.tokens)
+                answer.parts.append(chunk.text)
+                answer.tokens += chunk.tokens
+            if started:
+                watchdog.active()
+                put(chunk)
+                if full is not None and space is not None and full():
+                    watchdog.held = True
+                    await space()
+                    watchdog.held = False
+                    watchdog.active()
+            elif isinstance(chunk, TextDelta | Stop):
+                # Only text ends the wait for the first token: usage that some
+                # providers send at once must not turn it into the idle timeout.
+                watchdog.switch(policy.idle_timeout_s)
+                started = True
+                put(chunk)
+            else:
+                # Usage at once, text or not: an accepted request is billed its prompt
+                # even if it ends before its first token.
+                put(chunk)
+        return None
+    except asyncio.CancelledError:
+        if not watchdog.fired:
+            raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        return UpstreamError(
+            "the provider sent nothing for too long"
+            if started
+            else "the provider did not start answering in time",
+            code="upstream_timeout",
+            retryable=True,
         )
-        if on_retry is not None:
-            on_retry(error, attempt)
-        await asyncio.sleep(delay)
+    except UpstreamError as exc:
+        return exc
+    finally:
+        watchdog.stop()
+        await source.aclose()

@@ -4,6 +4,11 @@ Real providers are slow, cost money and cannot be told to fail on cue. This serv
 their SSE wire formats closely enough for the official SDKs, streams deterministic text (so
 a test can compare bytes with `expected_text`) and records every request, including whether
 the client hung up, so tests can prove that the proxy cancels its upstream calls.
+
+A request ending with an assistant message asks to continue that answer (a prefill, as
+Anthropic takes it, or `continue_final_message` for vLLM-style servers): the server streams
+what follows the prefill in `expected_text`, and refuses a prefill that is not a prefix of
+it, so a test cannot pass with a wrong one.
 """
 
 from __future__ import annotations
@@ -129,6 +134,24 @@ def _escaped_run(start: int, stop: int, offset: int) -> bytes:
     return b"".join(_ESCAPED[_word_index(i, offset)] for i in range(start, stop))
 
 
+def _plain_run(start: int, stop: int, offset: int) -> str:
+    return "".join(_WORDS[_word_index(i, offset)] + " " for i in range(start, stop))
+
+
+def _cut(chars: int, tokens: int, offset: int) -> tuple[int, str | None]:
+    """Where an answer of `tokens` tokens continues after its first `chars` characters: the
+    token holding that position, and the rest of it when the cut falls inside it (None when
+    the cut is on a token boundary, so that token goes out whole)."""
+    start = 0
+    for i in range(tokens):
+        token = _WORDS[_word_index(i, offset)] + " "
+        end = start + len(token)
+        if end > chars:
+            return i, (None if chars == start else token[chars - start :])
+        start = end
+    return max(0, tokens), None
+
+
 def _texts(content: Any) -> list[str]:
     if isinstance(content, str):
         return [content]
@@ -174,6 +197,9 @@ class Behaviour:
     retry_after_s: float | None = None
     seed: str = ""
     tokenizer: str = "chars"
+    prefill: str = "continue"
+    """A request ending with an assistant message (a prefill): `continue` it, as Claude
+    and vLLM do, or `refuse` it, as models without prefill support do."""
 
 
 _ALIASES = {"tps": "tokens_per_second", "chunk": "tokens_per_chunk", "batch": "events_per_write"}
@@ -188,6 +214,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "retry_after_s": float,
     "seed": str,
     "tokenizer": str,
+    "prefill": str,
 }
 
 
@@ -212,6 +239,8 @@ def _overrides(raw: Mapping[str, Any] | Behaviour) -> dict[str, Any]:
         raise ValueError(f"unknown fault {out['fault']!r}; expected one of {sorted(FAULTS)}")
     if out.get("tokenizer", "chars") not in ("chars", "words"):
         raise ValueError("tokenizer must be chars or words")
+    if out.get("prefill", "continue") not in ("continue", "refuse"):
+        raise ValueError("prefill must be continue or refuse")
     if out.get("tokens_per_chunk", 1) < 1:
         raise ValueError("tokens_per_chunk must be >= 1")
     if out.get("events_per_write", 1) < 1:
@@ -236,6 +265,9 @@ class RequestRecord:
     ended_at: float | None = None
     status: int = 200
     body_size: int = 0
+    prefill: str | None = None
+    """The answer's start the request asked to continue (a final assistant message); None
+    for a fresh answer."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -339,6 +371,41 @@ async def _guard(rec: RequestRecord, receive: Receive, job: Coroutine[Any, Any, 
     work.result()
 
 
+_PREFILL_REFUSED = (
+    "This model does not support assistant message prefill. "
+    "The conversation must end with a user message."
+)
+
+
+def _prefill(api: Api, body: Mapping[str, Any], beh: Behaviour) -> tuple[str | None, str | None]:
+    """(the prefill if the request continues an answer else None, why it is refused or None).
+
+    Anthropic: a final assistant message is always a prefill. OpenAI-compatible servers
+    (vLLM, SGLang): only with `continue_final_message`; without it a final assistant
+    message is just history and a fresh answer follows."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    is_assistant = isinstance(last, dict) and last.get("role") == "assistant"
+    if api == "openai":
+        if not body.get("continue_final_message"):
+            return None, None
+        if not is_assistant:
+            return None, "continue_final_message is set but the last message is not assistant"
+        if body.get("add_generation_prompt"):
+            return None, "Cannot set both continue_final_message and add_generation_prompt"
+    elif not is_assistant:
+        return None, None
+    assert isinstance(last, dict)
+    prefill = "".join(_texts(last.get("content")))
+    if beh.prefill == "refuse":
+        return prefill, _PREFILL_REFUSED
+    if api == "anthropic" and prefill != prefill.rstrip():
+        return prefill, "messages: final assistant content cannot end with trailing whitespace"
+    if not expected_text(beh.tokens, beh.seed).startswith(prefill):
+        return prefill, "fake upstream: the prefill is not a prefix of this answer"
+    return prefill, None
+
+
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -365,16 +432,23 @@ class _Exchange:
 
     def __init__(self, rec: RequestRecord, beh: Behaviour, body: dict[str, Any], send: Send):
         self.rec, self.beh, self.send, self.api = rec, beh, send, rec.api
+        self.offset = _seed_offset(beh.seed)
+        rec.prefill, self.rejection = _prefill(self.api, body, beh)
+        # A continuation streams "pieces": `head` (the rest of the token the prefill ends
+        # inside, if it does) then whole tokens; piece i > 0 is token `base + i`, as is
+        # piece 0 when there is no head. A fresh answer is base 0, no head.
+        self.base, self.head = 0, None
+        if rec.prefill and self.rejection is None:
+            self.base, self.head = _cut(len(rec.prefill), beh.tokens, self.offset)
         limit = body.get("max_tokens")
         if self.api == "openai":
             limit = body.get("max_completion_tokens", limit)
-        wanted = max(0, beh.tokens)
+        wanted = max(0, beh.tokens - self.base)
         self.n = wanted if limit is None else max(0, min(wanted, int(limit)))
         self.truncated = self.n < wanted
         self.stream = bool(body.get("stream"))
         self.usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.input_tokens = count_input_tokens(body, beh.tokenizer)
-        self.offset = _seed_offset(beh.seed)
         self.id = f"{'msg' if self.api == 'anthropic' else 'chatcmpl'}_fake{rec.id:08d}"
         self.created = int(rec.started_at)
         self.oai_prefix = (
@@ -396,7 +470,20 @@ class _Exchange:
     async def _write(self, data: bytes, more: bool = True) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
+    def _text(self) -> str:
+        if self.n == 0:
+            return ""
+        if self.head is None:
+            return _plain_run(self.base, self.base + self.n, self.offset)
+        return self.head + _plain_run(self.base + 1, self.base + self.n, self.offset)
+
     async def run(self) -> None:
+        if self.rejection is not None:
+            # The request itself is invalid: rejected before any fault or pacing applies.
+            self.rec.status = 400
+            await _send_json(self.send, 400, _error_body(self.api, 400, self.rejection))
+            self.rec.completed = True
+            return
         fault = self.beh.fault
         status = STATUS_FAULTS.get(fault or "")
         if status is None and fault == "overloaded" and not self.stream:
@@ -432,6 +519,8 @@ class _Exchange:
         # Several events per write, as a fast server's TCP stream delivers them anyway;
         # one write per event would make this server, not the proxy, the bottleneck.
         batch = max(1, beh.events_per_write)
+        base, offset = self.base, self.offset
+        head = None if self.head is None else json.dumps(self.head)[1:-1].encode()
         pending: list[bytes] = []
         loop = asyncio.get_running_loop()
         t0, i, k = loop.time(), 0, 0
@@ -448,7 +537,11 @@ class _Exchange:
                 await flush()
             if delay > 0 or batch == 1 or k % batch == 0:
                 await asyncio.sleep(delay if delay > 0 else 0)  # also a cancellation point
-            text = _escaped_run(i, j, self.offset)
+            text = (
+                _escaped_run(base + i, base + j, offset)
+                if i or head is None
+                else head + _escaped_run(base + 1, base + j, offset)
+            )
             pending.append(
                 _A_DELTA + text + b'"}}\n\n'
                 if anth
@@ -524,7 +617,7 @@ class _Exchange:
         if self.beh.fault == "drop":
             await self.send({"type": "http.response.start", "status": 200, "headers": []})
             await self._fault("drop", True)
-        text = expected_text(self.n, self.beh.seed)
+        text = self._text()
         payload: dict[str, Any] = (
             {
                 "id": self.id,

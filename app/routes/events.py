@@ -271,10 +271,7 @@ async def events(request: Request) -> Response | SSEResponse:
         return Response(status_code=204)  # the client has it all: EventSource stops
     settings = services.settings
     grace = settings.orphan_grace_s
-    followers = {
-        s: follow(services.log, s, after[s], grace_s=grace, end_lost=services.manager.end_lost)
-        for s in live
-    }
+    followers = {s: follow(services.log, s, after[s], grace_s=grace) for s in live}
     # A connection whose writes are stalled is still a reader of every stream on it.
     touches = [keep_attached(services, s, grace) for s in live]
 

@@ -77,6 +77,7 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "draining"}, status_code=503)
     probes = [
         _check("stream_log", services.log.ping()),
+        *([_check("workers", _workers(services))] if request.app.state.role == "api" else []),
         _check("limiter", services.limiter.ping()),
         *(_check(f"provider:{n}", p.ready()) for n, p in services.providers.items()),
     ]
@@ -88,6 +89,11 @@ async def readyz(request: Request) -> Response:
     if services.breaker is not None:
         body["redis_circuit"] = services.breaker.state
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def _workers(services: Services) -> bool:
+    """An API-only process is ready only if some worker is alive to run what it queues."""
+    return await services.queue.consumers(services.settings.generation_lease_s) > 0
 
 
 async def metrics(request: Request) -> Response:
@@ -105,12 +111,17 @@ async def index(request: Request) -> Response:
     )
 
 
-routes = [
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/usage", usage, methods=["GET"]),
+health_routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+]
+"""All a worker's port serves."""
+
+routes = [
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/usage", usage, methods=["GET"]),
+    *health_routes,
     Route("/", index, methods=["GET"]),
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
 ]

@@ -17,7 +17,6 @@ from starlette.routing import Route
 
 from streaming import (
     Event,
-    Outcome,
     StreamInfo,
     StreamingError,
     StreamNotFound,
@@ -27,7 +26,8 @@ from streaming import (
 
 from ..body import read_body
 from ..errors import ProblemError
-from ..generation import Started, start
+from ..generation import Started, build_generation, start
+from ..jobs import encode_job
 from ..limits import stash
 from ..middleware import request_id_of
 from ..schemas import CompletionRequest, Feedback
@@ -87,15 +87,26 @@ async def _start(request: Request, prefix: str) -> tuple[Services, Started]:
 
 
 async def create_stream(request: Request) -> Response:
+    """Register the stream and queue its generation for a worker (this process, when it
+    has the worker role and a free slot, or any other)."""
     services, started = await _start(request, "s_")
-    info, generation = started.info, started.generation
+    info = started.info
     stream_id = info.id
+    reservation = started.decision.reservation if started.decision is not None else None
     try:
-        await services.manager.launch(info, generation)
+        await services.manager.create(info)
+        try:
+            payload = encode_job(info, started.request)
+            await services.queue.submit(stream_id, payload, now=time.time())
+        except BaseException:
+            # Nobody will generate it: end it, so no reader waits for it.
+            await asyncio.shield(services.log.finish(stream_id, "error", epoch=0))
+            raise
     except BaseException:  # cancelled too: a reservation must never outlive its request
-        await asyncio.shield(services.accounting.settle(info.id, Outcome()))  # nothing used
+        if reservation is not None:  # nothing was used
+            await asyncio.shield(services.accounting.refund(stream_id, reservation))
         raise
-    services.metrics.stream_started("streams", info.plan, info.model)
+    services.metrics.stream_started("streams", info.plan, info.model, active=False)
     ticket, expires = services.tickets.issue(stream_id, info.owner, info.plan)
     return JSONResponse(
         _links(request, stream_id, ticket, expires),
@@ -152,13 +163,7 @@ async def stream_events(request: Request) -> Response | SSEResponse:
             # The client has everything, terminal event included: 204 stops EventSource.
             return Response(status_code=204)
 
-    events = follow(
-        services.log,
-        stream_id,
-        after,
-        grace_s=services.settings.orphan_grace_s,
-        end_lost=services.manager.end_lost,
-    )
+    events = follow(services.log, stream_id, after, grace_s=services.settings.orphan_grace_s)
     grace = services.settings.orphan_grace_s
     return SSEResponse(
         _frames(events, services.metrics.sent),
@@ -241,7 +246,10 @@ async def new_ticket(request: Request) -> Response:
 
 async def chat_stream(request: Request) -> SSEResponse:
     services, started = await _start(request, "c_")
-    info, generation = started.info, started.generation
+    info = started.info
+    generation = build_generation(services, info, started.request)
+    if started.decision is not None and started.decision.reservation is not None:
+        services.accounting.hold(info.id, started.decision.reservation)
     services.metrics.stream_started("chat", info.plan, info.model)
     drain = services.drain
 

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 
 from ..events import Event
 
-Queue = Callable[[Any, str, Sequence[Event]], None]
-"""Adds one stream's commands to a pipeline."""
+Queue = Callable[[Any, str, Sequence[Event], int], None]
+"""Adds one stream's commands (its id, its events, the writer's epoch) to a pipeline."""
 
 
 class Appender:
@@ -31,14 +31,14 @@ class Appender:
         self._client = client
         self._queue_commands = queue
         self._capacity = in_flight
-        self._waiting: list[tuple[str, Sequence[Event], asyncio.Future[None]]] = []
+        self._waiting: list[tuple[str, Sequence[Event], int, asyncio.Future[None]]] = []
         self._sending = 0  # counted in the sender itself: a done-callback would lag a turn
         self._senders: set[asyncio.Task[None]] = set()  # running tasks must be referenced
 
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+    async def append(self, stream_id: str, events: Sequence[Event], epoch: int) -> None:
         """Returns once Redis has the events; raises what Redis answered otherwise."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((stream_id, events, future))
+        self._waiting.append((stream_id, events, epoch, future))
         if self._sending < self._capacity:
             # A task sends, not this caller: cancelling one append must not abort the
             # transaction that carries the others.
@@ -56,13 +56,15 @@ class Appender:
         finally:
             self._sending -= 1
 
-    async def _send(self, batch: list[tuple[str, Sequence[Event], asyncio.Future[None]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[str, Sequence[Event], int, asyncio.Future[None]]]
+    ) -> None:
         spans: list[int] = []
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                for stream_id, events, _ in batch:
+                for stream_id, events, epoch, _ in batch:
                     before = len(pipe.command_stack)
-                    self._queue_commands(pipe, stream_id, events)
+                    self._queue_commands(pipe, stream_id, events, epoch)
                     spans.append(len(pipe.command_stack) - before)
                 replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
@@ -71,7 +73,7 @@ class Appender:
                     future.set_exception(exc)
             return
         start = 0
-        for (_, _, future), span in zip(batch, spans, strict=True):
+        for (_, _, _, future), span in zip(batch, spans, strict=True):
             errors = [r for r in replies[start : start + span] if isinstance(r, Exception)]
             start += span
             if future.done():

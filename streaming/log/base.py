@@ -15,10 +15,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .._exceptions import StreamFenced
 from ..events import Event
 
 logger = logging.getLogger("sserelay.streamlog")
@@ -91,6 +92,9 @@ class Control:
 
     cancel_requested: bool
     reader_attached: bool
+    owned: bool = True
+    """False: another process took the stream over (its epoch moved on): stop at once,
+    writing nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,34 +116,44 @@ class StreamLog(abc.ABC):
         self.max_events = max_events
 
     @abc.abstractmethod
-    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+    async def create(
+        self, info: StreamInfo, *, reader_grace_s: float, lease_s: float | None = None
+    ) -> None:
         """Register a stream; a reader counts as attached for `reader_grace_s`, giving the
-        client time to connect, and the creator holds the generation lease."""
+        client time to connect. With `lease_s`, the creator owns the generation at
+        once (epoch 1); without, whoever `take`s it first does."""
+
+    @abc.abstractmethod
+    async def take(self, stream_id: str, lease_s: float) -> int:
+        """Become the one process generating a stream, atomically: only if it is still
+        `running` and nobody holds its lease. Returns the new fencing epoch (1 for the
+        first owner, one more for each takeover); 0 if the stream ended or is gone, -1
+        if a live owner holds it. Every later write of the caller carries the epoch and
+        is refused once another process took the stream over."""
+
+    @abc.abstractmethod
+    async def release(self, stream_id: str, epoch: int) -> None:
+        """Give the lease up at once (if still the owner), so another process may take
+        the stream over now rather than after the lease runs out."""
 
     @abc.abstractmethod
     async def info(self, stream_id: str) -> StreamInfo | None: ...
 
     @abc.abstractmethod
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
-        """Append events whose ids continue the stream's sequence."""
+    async def append(self, stream_id: str, events: Sequence[Event], *, epoch: int = 1) -> None:
+        """Append events whose ids continue the stream's sequence, if `epoch` is still the
+        stream's (checked in the same atomic step); else raise `StreamFenced`."""
 
     @abc.abstractmethod
-    async def finish(self, stream_id: str, status: StreamStatus) -> None:
-        """Record the final status and shorten every key's life to `ttl_s`."""
+    async def finish(self, stream_id: str, status: StreamStatus, *, epoch: int = 1) -> None:
+        """Record the final status, drop the lease and shorten every key's life to
+        `ttl_s`; fenced like `append`."""
 
     @abc.abstractmethod
     async def read(
         self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
     ) -> list[Event]:
         """Events with id > `after`, waiting up to `block_s` for the first one."""
-
-    @abc.abstractmethod
-    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
-        """End a stream whose generating process died, atomically: only if it is still
-        `running`, no process holds its lease, and `event` (its last word, when given)
-        has the next id. Records `status`, raises the cancel flag (a generator that was
-        only paused stops at its next renewal) and shortens the keys' life to `ttl_s`.
-        True only for the one call that ended it."""
 
     @abc.abstractmethod
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
@@ -149,15 +163,10 @@ class StreamLog(abc.ABC):
     async def request_cancel(self, stream_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
-        """Renew the generation lease of streams this process runs; report their control
-        flags. One call for all of a process's streams."""
-
-    @abc.abstractmethod
-    async def lost(self, limit: int = 500) -> list[str]:
-        """Streams still `running` whose generating process stopped renewing its lease
-        (it died): their end is for someone else to write, and their usage to settle.
-        Never a stream this log instance is writing itself."""
+    async def renew(self, streams: Mapping[str, int], lease_s: float) -> dict[str, Control]:
+        """Renew the generation lease of the streams this process runs (by id, with the
+        epoch it owns them at), unless another process took them over; report their
+        control flags. One call for all of a process's streams."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -175,9 +184,10 @@ class LogWriter:
     batches (fewer round trips). Order is kept; `close` waits for everything.
     """
 
-    def __init__(self, log: StreamLog, stream_id: str) -> None:
+    def __init__(self, log: StreamLog, stream_id: str, epoch: int = 1) -> None:
         self._log = log
         self._id = stream_id
+        self.epoch = epoch
         self._pending: list[Event] = []
         self._task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
@@ -193,10 +203,11 @@ class LogWriter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._log.append(self._id, batch)
+                await self._log.append(self._id, batch, epoch=self.epoch)
         except Exception as exc:
             self.error = exc
-            logger.error("stream %s: cannot append to the stream log: %s", self._id, exc)
+            if not isinstance(exc, StreamFenced):
+                logger.error("stream %s: cannot append to the stream log: %s", self._id, exc)
             self._pending.clear()
         finally:
             self._task = None

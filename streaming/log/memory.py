@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+from .._exceptions import StreamFenced
 from ..events import Event
 from .base import Control, Liveness, StreamInfo, StreamLog, StreamStatus
 
@@ -22,6 +23,7 @@ class _Entry:
         "reader_until",
         "lease_until",
         "cancel",
+        "epoch",
     )
 
     def __init__(self, info: StreamInfo, expires: float) -> None:
@@ -33,6 +35,7 @@ class _Entry:
         self.reader_until = 0.0
         self.lease_until = 0.0
         self.cancel = False
+        self.epoch = 0
 
 
 class MemoryStreamLog(StreamLog):
@@ -65,22 +68,44 @@ class MemoryStreamLog(StreamLog):
         for stream_id in [k for k, e in self._streams.items() if e.expires <= now]:
             self._streams.pop(stream_id).changed.set()
 
-    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+    async def create(
+        self, info: StreamInfo, *, reader_grace_s: float, lease_s: float | None = None
+    ) -> None:
         now = self._clock()
         self._sweep(now)
         entry = _Entry(replace(info), now + self.ttl_s + self.max_duration_s)
         entry.reader_until = now + reader_grace_s
-        entry.lease_until = now + lease_s
+        if lease_s is not None:
+            entry.lease_until = now + lease_s
+            entry.epoch = 1
         self._streams[info.id] = entry
+
+    async def take(self, stream_id: str, lease_s: float) -> int:
+        entry = self._get(stream_id)
+        if entry is None or entry.info.status != "running":
+            return 0
+        now = self._clock()
+        if entry.lease_until > now:
+            return -1
+        entry.epoch += 1
+        entry.lease_until = now + lease_s
+        return entry.epoch
+
+    async def release(self, stream_id: str, epoch: int) -> None:
+        entry = self._get(stream_id)
+        if entry is not None and entry.epoch == epoch:
+            entry.lease_until = 0.0
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         entry = self._get(stream_id)
         return replace(entry.info) if entry else None
 
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+    async def append(self, stream_id: str, events: Sequence[Event], *, epoch: int = 1) -> None:
         entry = self._get(stream_id)
         if entry is None:
             return
+        if entry.epoch != epoch:
+            raise StreamFenced(f"stream {stream_id} was taken over (epoch {entry.epoch})")
         entry.events.extend(events)
         entry.ids.extend(e.id for e in events)
         excess = len(entry.events) - self.max_events
@@ -90,10 +115,13 @@ class MemoryStreamLog(StreamLog):
         entry.changed.set()
         entry.changed = asyncio.Event()
 
-    async def finish(self, stream_id: str, status: StreamStatus) -> None:
+    async def finish(self, stream_id: str, status: StreamStatus, *, epoch: int = 1) -> None:
         entry = self._get(stream_id)
         if entry is None:
             return
+        if entry.epoch != epoch:
+            raise StreamFenced(f"stream {stream_id} was taken over (epoch {entry.epoch})")
+        entry.lease_until = 0.0
         entry.info.status = status
         entry.expires = self._clock() + self.ttl_s
         entry.changed.set()
@@ -115,19 +143,6 @@ class MemoryStreamLog(StreamLog):
             start = bisect.bisect_right(entry.ids, after)
         return entry.events[start : start + limit]
 
-    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
-        entry = self._get(stream_id)
-        now = self._clock()
-        if entry is None or entry.info.status != "running" or entry.lease_until > now:
-            return False
-        if event is not None:
-            if (entry.ids[-1] if entry.ids else 0) != event.id - 1:
-                return False
-            await self.append(stream_id, [event])
-        entry.cancel = True
-        await self.finish(stream_id, status)
-        return True
-
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         entry = self._get(stream_id)
         if entry is None:
@@ -141,21 +156,20 @@ class MemoryStreamLog(StreamLog):
         if entry is not None:
             entry.cancel = True
 
-    async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
+    async def renew(self, streams: Mapping[str, int], lease_s: float) -> dict[str, Control]:
         now = self._clock()
         result: dict[str, Control] = {}
-        for stream_id in stream_ids:
+        for stream_id, epoch in streams.items():
             entry = self._get(stream_id)
             if entry is None:
                 result[stream_id] = Control(cancel_requested=True, reader_attached=False)
                 continue
+            if entry.epoch != epoch:
+                result[stream_id] = Control(False, False, owned=False)
+                continue
             entry.lease_until = now + lease_s
             result[stream_id] = Control(entry.cancel, entry.reader_until > now)
         return result
-
-    async def lost(self, limit: int = 500) -> list[str]:
-        # Every stream here is written by this process, which cannot have died.
-        return []
 
     async def ping(self) -> None:
         return None

@@ -6,10 +6,13 @@ Keys (all under one hash tag per stream, so they share a Cluster slot):
     {prefix}s:{<id>}:ev   Redis Stream; entry id 0-<event id>, fields n (name), d (JSON)
     {prefix}s:{<id>}:m    hash: the StreamInfo
     {prefix}s:{<id>}:rd   "a reader is attached" (expires after the grace period)
-    {prefix}s:{<id>}:ls   "the generating process is alive" (its lease)
+    {prefix}s:{<id>}:ls   "the generating process is alive" (its lease; value: its epoch)
     {prefix}s:{<id>}:cx   "cancel requested"
-    {prefix}running       sorted set: the streams running anywhere, by creation time,
-                          so any process can find those whose generator died (`lost`)
+
+The meta hash's `epoch` is the fencing token of the stream's current owner: every
+append, renewal and finish is a Lua script that checks it in the same atomic step, so a
+process taken over (paused past its lease, cut off) cannot write once it wakes up. Each
+event entry carries the epoch that wrote it (field e).
 
 Using the event id as the entry id makes "replay after Last-Event-ID" one XREAD. Readers
 that wait for new events of a stream generated elsewhere share one blocking XREAD per
@@ -21,15 +24,15 @@ Redis has confirmed it: it waits on no Redis command at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from .._exceptions import StreamLogError
+from .._exceptions import StreamFenced, StreamLogError
 from ..events import Event
 from ._appender import Appender
 from ._tailer import Tailer
@@ -68,28 +71,53 @@ class RedisStreamLog(StreamLog):
         self._tailer = Tailer(tail, client, _parse)
         self._appender = Appender(client, self._queue_append)
         self._local: dict[str, _Local] = {}
-        self._running = f"{prefix}running"
-        self._claim = client.register_script(
-            resources.files(__package__).joinpath("claim_end.lua").read_text()
-        )
+        self._append = _script(client, "append.lua")
+        self._take = _script(client, "take.lua")
+        self._renew = _script(client, "renew.lua")
+        self._finish = _script(client, "finish.lua")
+        self._release = _script(client, "release.lua")
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self._prefix}s:{{{stream_id}}}:{kind}"
 
-    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+    async def create(
+        self, info: StreamInfo, *, reader_grace_s: float, lease_s: float | None = None
+    ) -> None:
         meta = self._key(info.id, "m")
+        fields: dict[Any, Any] = {k: str(v) for k, v in info.fields().items()}
+        fields["epoch"] = "0" if lease_s is None else "1"
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.hset(meta, mapping={k: str(v) for k, v in info.fields().items()})
+                pipe.hset(meta, mapping=fields)
                 pipe.pexpire(meta, self._live_ms)
-                pipe.zadd(self._running, {info.id: info.created_at})
-                pipe.pexpire(self._running, self._live_ms)
                 pipe.set(self._key(info.id, "rd"), 1, px=int(reader_grace_s * 1000))
-                pipe.set(self._key(info.id, "ls"), 1, px=int(lease_s * 1000))
+                if lease_s is not None:
+                    pipe.set(self._key(info.id, "ls"), 1, px=int(lease_s * 1000))
                 await pipe.execute()
         except RedisError as exc:
             raise StreamLogError(f"cannot create stream: {exc}") from exc
-        self._local[info.id] = _Local()
+        if lease_s is not None:
+            self._local[info.id] = _Local()
+
+    async def take(self, stream_id: str, lease_s: float) -> int:
+        keys = [self._key(stream_id, "m"), self._key(stream_id, "ls")]
+        try:
+            epoch = int(await self._take(keys=keys, args=[int(lease_s * 1000)]))
+        except RedisError as exc:
+            raise StreamLogError(f"cannot take stream over: {exc}") from exc
+        if epoch > 0:
+            local = self._local.setdefault(stream_id, _Local())
+            local.last_id = 0  # readers here re-read what others wrote before
+        return epoch
+
+    async def release(self, stream_id: str, epoch: int) -> None:
+        keys = [self._key(stream_id, "ls"), self._key(stream_id, "m")]
+        try:
+            await self._release(keys=keys, args=[epoch])
+        except RedisError as exc:
+            raise StreamLogError(f"cannot release stream: {exc}") from exc
+        finally:
+            self._forget(stream_id)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         try:
@@ -109,26 +137,25 @@ class RedisStreamLog(StreamLog):
                 fields[name] = float(fields[name])
         return StreamInfo(**fields)
 
-    def _queue_append(self, pipe: Any, stream_id: str, events: Sequence[Event]) -> None:
-        key = self._key(stream_id, "ev")
+    def _queue_append(self, pipe: Any, stream_id: str, events: Sequence[Event], epoch: int) -> None:
+        # The first append creates the key: it lives as long as a stream may run, plus
+        # the replay TTL; `finish` shortens it. Later appends need not repeat it.
+        live = self._live_ms if events and events[0].id == 1 else 0
+        args: list[Any] = [epoch, self.max_events, live]
         for event in events:
-            pipe.xadd(
-                key,
-                {"n": event.name, "d": event.data},
-                id=f"0-{event.id}",
-                maxlen=self.max_events,
-                approximate=True,
-            )
-        if events and events[0].id == 1:
-            # The first append creates the key: it lives as long as a stream may run,
-            # plus the replay TTL; `finish` shortens it. Later appends need not repeat it.
-            pipe.pexpire(key, self._live_ms)
+            args += (event.id, event.name, event.data)
+        _queue_script(
+            pipe, self._append, [self._key(stream_id, "ev"), self._key(stream_id, "m")], args
+        )
 
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+    async def append(self, stream_id: str, events: Sequence[Event], *, epoch: int = 1) -> None:
         try:
             # One MULTI/EXEC, shared with other streams' appends made meanwhile.
-            await self._appender.append(stream_id, events)
+            await self._appender.append(stream_id, events, epoch)
         except RedisError as exc:
+            if _fenced(exc):
+                self._forget(stream_id)
+                raise StreamFenced(f"stream {stream_id} was taken over") from exc
             raise StreamLogError(f"cannot append to stream: {exc}") from exc
         local = self._local.get(stream_id)
         if local is not None and events:
@@ -140,22 +167,23 @@ class RedisStreamLog(StreamLog):
                 contiguous = events[0].id <= after + 1
                 waiter.set_result([e for e in events if e.id > after] if contiguous else None)
 
-    async def finish(self, stream_id: str, status: StreamStatus) -> None:
+    async def finish(self, stream_id: str, status: StreamStatus, *, epoch: int = 1) -> None:
+        keys = [self._key(stream_id, k) for k in ("m", "ev", "cx", "ls", "rd")]
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.hset(self._key(stream_id, "m"), "status", status)
-                pipe.zrem(self._running, stream_id)
-                for kind in ("m", "ev", "cx"):
-                    pipe.pexpire(self._key(stream_id, kind), self._ttl_ms)
-                pipe.delete(self._key(stream_id, "ls"), self._key(stream_id, "rd"))
-                await pipe.execute()
+            await self._finish(keys=keys, args=[status, self._ttl_ms, epoch])
         except RedisError as exc:
+            if _fenced(exc):
+                raise StreamFenced(f"stream {stream_id} was taken over") from exc
             raise StreamLogError(f"cannot finish stream: {exc}") from exc
         finally:
-            local = self._local.pop(stream_id, None)
-            for _, waiter in local.waiters if local is not None else ():
-                if not waiter.done():
-                    waiter.set_result(None)  # re-read: whatever is there is final
+            self._forget(stream_id)
+
+    def _forget(self, stream_id: str) -> None:
+        """This process no longer writes the stream: its readers here go back to Redis."""
+        local = self._local.pop(stream_id, None)
+        for _, waiter in local.waiters if local is not None else ():
+            if not waiter.done():
+                waiter.set_result(None)  # re-read: whatever is there is final
 
     async def read(
         self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
@@ -196,19 +224,6 @@ class RedisStreamLog(StreamLog):
             return await self.read(stream_id, after, limit=limit)
         return events[:limit]
 
-    async def claim_end(self, stream_id: str, event: Event | None, status: StreamStatus) -> bool:
-        keys = [self._key(stream_id, k) for k in ("ev", "m", "ls", "cx", "rd")]
-        args: list[Any] = [status, self._ttl_ms, "", "", ""]
-        if event is not None:
-            args[2:] = [event.id, event.name, event.data]
-        try:
-            claimed = bool(await self._claim(keys=keys, args=args))
-            if claimed:
-                await self._r.zrem(self._running, stream_id)
-        except RedisError as exc:
-            raise StreamLogError(f"cannot end stream: {exc}") from exc
-        return claimed
-
     async def touch_reader(self, stream_id: str, grace_s: float) -> Liveness | None:
         try:
             async with self._r.pipeline(transaction=False) as pipe:
@@ -228,52 +243,24 @@ class RedisStreamLog(StreamLog):
         except RedisError as exc:
             raise StreamLogError(f"cannot cancel stream: {exc}") from exc
 
-    async def renew(self, stream_ids: Collection[str], lease_s: float) -> dict[str, Control]:
-        ids = list(stream_ids)
-        if not ids:
+    async def renew(self, streams: Mapping[str, int], lease_s: float) -> dict[str, Control]:
+        if not streams:
             return {}
         lease_ms = int(lease_s * 1000)
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                for stream_id in ids:
-                    pipe.set(self._key(stream_id, "ls"), 1, px=lease_ms)
-                    pipe.exists(self._key(stream_id, "cx"))
-                    pipe.exists(self._key(stream_id, "rd"))
+                for stream_id, epoch in streams.items():
+                    keys = [self._key(stream_id, k) for k in ("ls", "m", "cx", "rd")]
+                    _queue_script(pipe, self._renew, keys, [epoch, lease_ms])
                 replies = await pipe.execute()
         except RedisError as exc:
             raise StreamLogError(f"cannot renew streams: {exc}") from exc
-        return {
-            stream_id: Control(bool(replies[3 * i + 1]), bool(replies[3 * i + 2]))
-            for i, stream_id in enumerate(ids)
-        }
-
-    async def lost(self, limit: int = 500) -> list[str]:
-        found: list[str] = []
-        start, batch = 0, 500
-        try:
-            while len(found) < limit:
-                raw: Any = await self._r.zrange(self._running, start, start + batch - 1)
-                ids = [i.decode() for i in raw]
-                if not ids:
-                    break
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for stream_id in ids:
-                        pipe.hget(self._key(stream_id, "m"), "status")
-                        pipe.exists(self._key(stream_id, "ls"))
-                    replies = await pipe.execute()
-                gone = []
-                for i, stream_id in enumerate(ids):
-                    status, leased = replies[2 * i], replies[2 * i + 1]
-                    if status != b"running":
-                        gone.append(stream_id)  # expired, or ended without leaving the index
-                    elif not leased and stream_id not in self._local:
-                        found.append(stream_id)
-                if gone:
-                    await self._r.zrem(self._running, *gone)
-                start += len(ids) - len(gone)
-        except RedisError as exc:
-            raise StreamLogError(f"cannot look for lost streams: {exc}") from exc
-        return found[:limit]
+        controls = {}
+        for stream_id, (owned, cancel, reader) in zip(streams, replies, strict=True):
+            controls[stream_id] = Control(bool(cancel), bool(reader), owned=bool(owned))
+            if not owned:
+                self._forget(stream_id)
+        return controls
 
     async def ping(self) -> None:
         try:
@@ -283,6 +270,21 @@ class RedisStreamLog(StreamLog):
 
     async def aclose(self) -> None:
         await self._tailer.aclose()
+
+
+def _script(client: aioredis.Redis, name: str) -> Any:
+    return client.register_script(resources.files(__package__).joinpath(name).read_text())
+
+
+def _queue_script(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue a script call on a pipeline without awaiting it (the pipeline loads its
+    scripts before it runs: EVALSHA never meets a NOSCRIPT)."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _fenced(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("FENCED")
 
 
 def _parse(entries: Any) -> list[Event]:

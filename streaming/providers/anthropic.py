@@ -47,10 +47,15 @@ class AnthropicProvider:
         return None
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if request.prefill:
+            # A final assistant message is a prefill: the model writes what follows it,
+            # and only that is streamed back.
+            messages.append({"role": "assistant", "content": request.prefill})
         kwargs: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": messages,
             "stream": True,
         }
         if request.system:

@@ -27,9 +27,16 @@ class GenerationRequest:
     metadata: Mapping[str, Any] | None = None
     request_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    prefill: str = ""
+    """The start of the answer, already relayed, that this request continues: sent as
+    a final assistant message (Anthropic; OpenAI-compatible servers with
+    `continue_final_message`), so the model writes what comes right after it. Never
+    ends in whitespace (Anthropic refuses that). Empty: a fresh answer."""
 
     def prompt_chars(self) -> int:
-        return sum(len(m.content) for m in self.messages) + len(self.system or "")
+        return (
+            sum(len(m.content) for m in self.messages) + len(self.system or "") + len(self.prefill)
+        )
 
     def input_token_bound(self) -> int:
         """At least as many tokens as any provider can count for this prompt.

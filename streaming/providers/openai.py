@@ -53,6 +53,8 @@ class OpenAIProvider:
         if request.system:
             messages.append({"role": "system", "content": request.system})
         messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        if request.prefill:
+            messages.append({"role": "assistant", "content": request.prefill})
         body: dict[str, Any] = {
             "model": request.model,
             "messages": messages,
@@ -60,6 +62,11 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.prefill:
+            # vLLM / SGLang: extend the final assistant message instead of starting a new
+            # turn after it (the chat template leaves that message open).
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if request.temperature is not None:
             body["temperature"] = request.temperature
         return body

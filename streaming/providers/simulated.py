@@ -22,7 +22,8 @@ _WORDS = (
 
 
 def simulated_text(request: GenerationRequest, tokens: int) -> str:
-    """The exact text the simulator streams for `request` when it produces `tokens`."""
+    """The exact text the simulator streams for `request` when it produces `tokens`; a
+    continuation streams what follows its prefill's length in this same text."""
     return "".join(_tokens(request, tokens))
 
 
@@ -44,6 +45,20 @@ def _tokens(request: GenerationRequest, count: int) -> list[str]:
     return out
 
 
+def _after(tokens: list[str], skip: int) -> list[str]:
+    """The pieces of `tokens` that follow their first `skip` characters: the rest of the
+    token that straddles the cut (when it does), then the whole tokens after it."""
+    if skip <= 0:
+        return tokens
+    start = 0
+    for i, token in enumerate(tokens):
+        end = start + len(token)
+        if end > skip:
+            return [token[skip - start :], *tokens[i + 1 :]]
+        start = end
+    return []
+
+
 class SimulatedProvider:
     def __init__(
         self,
@@ -59,19 +74,37 @@ class SimulatedProvider:
         self.ttft_s = ttft_ms / 1000
 
     def _length(self, request: GenerationRequest) -> int:
-        return min(self.response_tokens, request.max_tokens)
+        """The answer's length in tokens. A continuation's `max_tokens` counts only what
+        is still to come, so the tokens its prefill already holds are added back: the
+        continued answer is the same text (with the same last token) as a whole one."""
+        done = 0
+        if request.prefill:
+            size = 0
+            for token in _tokens(request, self.response_tokens):
+                size += len(token)
+                if size > len(request.prefill):
+                    break
+                done += 1
+        return min(self.response_tokens, done + request.max_tokens)
+
+    def _pieces(self, request: GenerationRequest, length: int) -> list[str]:
+        # The seed comes from the last user message, so a continuation (a prefill) does not
+        # change the answer: it streams whatever follows the prefill in the same text.
+        return _after(_tokens(request, length), len(request.prefill))
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:
-        return self._length(request)
+        length = self._length(request)
+        return len(self._pieces(request, length)) if request.prefill else length
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         length = self._length(request)
+        pieces = self._pieces(request, length)
         yield Usage(input_tokens=estimate_tokens(request.prompt_chars()))
         await asyncio.sleep(self.ttft_s)
         gap = 1 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
         loop = asyncio.get_running_loop()
         due = loop.time()
-        for i, token in enumerate(_tokens(request, length)):
+        for i, token in enumerate(pieces):
             if i:
                 # Pace against a schedule, not per sleep, so timer slack does not
                 # accumulate into a slower stream than configured.
@@ -79,7 +112,7 @@ class SimulatedProvider:
                 delay = due - loop.time()
                 await asyncio.sleep(delay if delay > 0 else 0)
             yield TextDelta(token, 1)
-        yield Usage(output_tokens=length)
+        yield Usage(output_tokens=len(pieces))
         yield Stop("max_tokens" if length < self.response_tokens else "end_turn")
 
     async def ready(self) -> bool:

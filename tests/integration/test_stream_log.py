@@ -18,6 +18,7 @@ from streaming import (
     EventEncoder,
     MemoryStreamLog,
     RedisStreamLog,
+    StreamFenced,
     StreamInfo,
     StreamLog,
     StreamLogError,
@@ -37,25 +38,30 @@ class TwoProcesses(StreamLog):
         super().__init__(ttl_s=writer.ttl_s, max_duration_s=2, max_events=writer.max_events)
         self.writer, self.reader = writer, reader
 
-    async def create(self, info: StreamInfo, *, reader_grace_s: float, lease_s: float) -> None:
+    async def create(
+        self, info: StreamInfo, *, reader_grace_s: float, lease_s: float | None = None
+    ) -> None:
         await self.writer.create(info, reader_grace_s=reader_grace_s, lease_s=lease_s)
+
+    async def take(self, stream_id: str, lease_s: float) -> int:
+        return await self.reader.take(stream_id, lease_s)
+
+    async def release(self, stream_id: str, epoch: int) -> None:
+        await self.writer.release(stream_id, epoch)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         return await self.reader.info(stream_id)
 
-    async def append(self, stream_id: str, events: Any) -> None:
-        await self.writer.append(stream_id, events)
+    async def append(self, stream_id: str, events: Any, *, epoch: int = 1) -> None:
+        await self.writer.append(stream_id, events, epoch=epoch)
 
-    async def finish(self, stream_id: str, status: str) -> None:
-        await self.writer.finish(stream_id, status)
+    async def finish(self, stream_id: str, status: Any, *, epoch: int = 1) -> None:
+        await self.writer.finish(stream_id, status, epoch=epoch)
 
     async def read(
         self, stream_id: str, after: int, *, block_s: float = 0.0, limit: int = 1000
     ) -> list[Event]:
         return await self.reader.read(stream_id, after, block_s=block_s, limit=limit)
-
-    async def claim_end(self, stream_id: str, event: Event | None, status: Any) -> bool:
-        return await self.reader.claim_end(stream_id, event, status)
 
     async def touch_reader(self, stream_id: str, grace_s: float) -> Any:
         return await self.reader.touch_reader(stream_id, grace_s)
@@ -65,9 +71,6 @@ class TwoProcesses(StreamLog):
 
     async def renew(self, stream_ids: Any, lease_s: float) -> Any:
         return await self.writer.renew(stream_ids, lease_s)
-
-    async def lost(self, limit: int = 500) -> list[str]:
-        return await self.reader.lost(limit)
 
     async def ping(self) -> None:
         await self.reader.ping()
@@ -198,14 +201,14 @@ async def test_running_stream_keys_have_a_ttl(log: StreamLog) -> None:
 async def test_reader_presence_and_cancel_flags(log: StreamLog) -> None:
     info = _info()
     await log.create(info, reader_grace_s=0.3, lease_s=5)
-    controls = await log.renew([info.id], 5)
+    controls = await log.renew({info.id: 1}, 5)
     assert controls[info.id].reader_attached and not controls[info.id].cancel_requested
     await asyncio.sleep(0.4)
-    assert not (await log.renew([info.id], 5))[info.id].reader_attached
+    assert not (await log.renew({info.id: 1}, 5))[info.id].reader_attached
     await log.touch_reader(info.id, 0.5)
-    assert (await log.renew([info.id], 5))[info.id].reader_attached
+    assert (await log.renew({info.id: 1}, 5))[info.id].reader_attached
     await log.request_cancel(info.id)
-    assert (await log.renew([info.id], 5))[info.id].cancel_requested
+    assert (await log.renew({info.id: 1}, 5))[info.id].cancel_requested
 
 
 async def test_lease_lapses_when_not_renewed(log: StreamLog) -> None:
@@ -216,23 +219,9 @@ async def test_lease_lapses_when_not_renewed(log: StreamLog) -> None:
     await asyncio.sleep(0.3)
     liveness = await log.touch_reader(info.id, 5)
     assert liveness is not None and not liveness.generating
-    await log.renew([info.id], 5)
+    await log.renew({info.id: 1}, 5)
     liveness = await log.touch_reader(info.id, 5)
     assert liveness is not None and liveness.generating
-
-
-async def test_lost_lists_streams_whose_writer_stopped_renewing(log: StreamLog) -> None:
-    """A process that dies stops renewing its lease: another process finds the stream
-    among the lost ones (never a process that is itself writing it)."""
-    info, alive = _info(), _info()
-    await log.create(info, reader_grace_s=5, lease_s=0.2)
-    await log.create(alive, reader_grace_s=5, lease_s=5)
-    await asyncio.sleep(0.3)
-    lost = await log.lost()
-    expected = [info.id] if isinstance(log, TwoProcesses) else []
-    assert lost == expected
-    await log.finish(info.id, "lost")
-    assert await log.lost() == []
 
 
 async def test_writer_batches_in_order(log: StreamLog) -> None:
@@ -277,36 +266,36 @@ async def test_a_reader_joining_later_is_not_held_behind_another(log: StreamLog)
     assert len(await waiting) == 1
 
 
-async def test_claim_end_only_when_nothing_came_after(log: StreamLog) -> None:
+async def test_one_owner_at_a_time_and_a_taken_over_owner_cannot_write(log: StreamLog) -> None:
+    """The fencing epoch: a stream is taken only once its lease lapsed, each take raises
+    the epoch, and the former owner's appends, renewals and finish are all refused, in
+    the same atomic step as the write."""
     info = _info()
-    await log.create(info, reader_grace_s=5, lease_s=0.2)
-    await log.append(info.id, _events(3))
-    end = EventEncoder(3)("error", {"code": "stream_lost"})
-    assert not await log.claim_end(info.id, end, "lost")  # its lease still holds
-    await asyncio.sleep(0.3)
-    late = EventEncoder(2)("error", {"code": "stream_lost"})  # id 3: taken already
-    assert not await log.claim_end(info.id, late, "lost")
-    assert await log.claim_end(info.id, end, "lost")
-    assert not await log.claim_end(info.id, EventEncoder(4)("error", {}), "lost")  # once
-    assert (await log.read(info.id, 3)) == [end]
-    stored = await log.info(info.id)
-    assert stored is not None and stored.status == "lost"
-    # A generator that was only paused learns it must stop at its next renewal.
-    assert (await log.renew([info.id], 5))[info.id].cancel_requested
-
-
-async def test_claim_end_of_a_stream_that_ended_unrecorded(log: StreamLog) -> None:
-    """The process died after writing the terminal event but before recording the end:
-    the end is recorded from the terminal event, nothing appended."""
-    info = _info()
-    await log.create(info, reader_grace_s=5, lease_s=0.2)
-    done = EventEncoder(1)("done", {"usage": {"input_tokens": 1, "output_tokens": 2}})
-    await log.append(info.id, [*_events(1), done])
-    await asyncio.sleep(0.3)
-    assert await log.claim_end(info.id, None, "done")
+    await log.create(info, reader_grace_s=5)
+    first = await log.take(info.id, 0.2)
+    assert first == 1
+    assert await log.take(info.id, 0.2) == -1  # its owner holds the lease
+    await log.append(info.id, _events(2), epoch=first)
+    await asyncio.sleep(0.3)  # the owner paused past its lease
+    second = await log.take(info.id, 5)
+    assert second == 2
+    with pytest.raises(StreamFenced):
+        await log.append(info.id, _events(1, start=2), epoch=first)
+    assert not (await log.renew({info.id: first}, 5))[info.id].owned
+    with pytest.raises(StreamFenced):
+        await log.finish(info.id, "done", epoch=first)
+    assert (await log.renew({info.id: second}, 5))[info.id].owned
+    await log.append(info.id, _events(1, start=2), epoch=second)
+    assert [e.id for e in await log.read(info.id, 0)] == [1, 2, 3]
+    # Released on drain: taken over at once, not after the lease.
+    await log.release(info.id, first)  # not the owner: nothing happens
+    assert await log.take(info.id, 5) == -1
+    await log.release(info.id, second)
+    assert await log.take(info.id, 5) == 3
+    await log.finish(info.id, "done", epoch=3)
+    assert await log.take(info.id, 5) == 0  # ended: nothing to take
     stored = await log.info(info.id)
     assert stored is not None and stored.status == "done"
-    assert [e.id for e in await log.read(info.id, 0)] == [1, 2]
 
 
 async def test_a_waiter_behind_the_covered_id_gets_everything(redis_url: str) -> None:
@@ -329,7 +318,7 @@ async def test_the_writer_stops_after_a_failed_append() -> None:
     class Failing(MemoryStreamLog):
         calls = 0
 
-        async def append(self, stream_id: str, events: Any) -> None:
+        async def append(self, stream_id: str, events: Any, *, epoch: int = 1) -> None:
             self.calls += 1
             raise StreamLogError("down")
 

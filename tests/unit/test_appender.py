@@ -43,7 +43,7 @@ class Gate:
         return Pipe()
 
 
-def _queue(pipe: Any, stream_id: str, events: Sequence[Event]) -> None:
+def _queue(pipe: Any, stream_id: str, events: Sequence[Event], epoch: int) -> None:
     for event in events:
         pipe.add(f"{stream_id}:{event.id}")
 
@@ -57,7 +57,7 @@ async def test_appends_right_after_replies_in_the_same_turn_are_still_sent() -> 
 
     async def writer(stream_id: str, appends: int) -> None:
         for _ in range(appends):
-            await appender.append(stream_id, [encoders[stream_id]("delta", {})])
+            await appender.append(stream_id, [encoders[stream_id]("delta", {})], 1)
 
     # Two pipelines in flight, one per stream; `b` appends once, so nothing but `a`
     # itself is left to start a sender afterwards.
@@ -76,9 +76,11 @@ async def test_appends_right_after_replies_in_the_same_turn_are_still_sent() -> 
 async def test_a_cancelled_append_does_not_take_its_batch_down() -> None:
     gate = Gate()
     appender = Appender(gate, _queue)  # type: ignore[arg-type]
-    first = asyncio.create_task(appender.append("a", [EventEncoder()("delta", {})]))
+    first = asyncio.create_task(appender.append("a", [EventEncoder()("delta", {})], 1))
     await asyncio.sleep(0)
-    others = [asyncio.create_task(appender.append(s, [EventEncoder()("delta", {})])) for s in "bcd"]
+    others = [
+        asyncio.create_task(appender.append(s, [EventEncoder()("delta", {})], 1)) for s in "bcd"
+    ]
     await asyncio.sleep(0)
     others[0].cancel()
     gate.open.set()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from streaming import (
+    Attempt,
     Chunk,
     Generation,
     GenerationRequest,
@@ -17,6 +18,7 @@ from streaming import (
     PipelineOptions,
     Pricing,
     Stop,
+    Target,
     TextDelta,
     UpstreamError,
     UpstreamPolicy,
@@ -42,6 +44,7 @@ class Scripted:
         self.calls = 0
         self.closed = 0
         self.expected = expected
+        self.requests: list[GenerationRequest] = []
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:
         return self.expected
@@ -49,6 +52,7 @@ class Scripted:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         script = self.attempts[min(self.calls, len(self.attempts) - 1)]
         self.calls += 1
+        self.requests.append(request)
         try:
             for step in script:
                 if isinstance(step, float):
@@ -173,7 +177,7 @@ POLICY = UpstreamPolicy(
 
 async def _pump(provider: Scripted, policy: UpstreamPolicy = POLICY) -> list[Any]:
     out: list[Any] = []
-    await pump(provider, REQUEST, policy, out.append)
+    await pump(Target(provider, REQUEST), policy, out.append)
     return out
 
 
@@ -189,7 +193,15 @@ async def test_pump_retries_before_anything_is_relayed() -> None:
     assert provider.calls == 2
     # Usage is relayed at once, each attempt's (an accepted request bills its prompt even
     # if it ends before its first token); the meter keeps the latest count.
-    assert out == [Usage(input_tokens=5), Usage(input_tokens=5), TextDelta("ok"), Stop("end_turn")]
+    # The second attempt is marked, so that the first one's usage is billed on its own.
+    mark = Attempt(2, 0, "", "scripted", "upstream_rate_limited", 3, continued=False)
+    assert out == [
+        Usage(input_tokens=5),
+        mark,
+        Usage(input_tokens=5),
+        TextDelta("ok"),
+        Stop("end_turn"),
+    ]
 
 
 async def test_pump_never_retries_after_text_was_relayed() -> None:
@@ -322,7 +334,7 @@ async def test_a_consumer_that_stops_reading_stops_the_provider_being_read() -> 
     provider = Endless()
     policy = UpstreamPolicy(first_token_timeout_s=0.05, idle_timeout_s=0.05)
     task = asyncio.create_task(
-        pump(provider, REQUEST, policy, box.put_nowait, full=box.full, space=box.space)
+        pump(Target(provider, REQUEST), policy, box.put_nowait, full=box.full, space=box.space)
     )
     await asyncio.sleep(0.3)  # several idle timeouts: none fires while held
     assert not task.done()
@@ -334,3 +346,99 @@ async def test_a_consumer_that_stops_reading_stops_the_provider_being_read() -> 
     assert provider.produced > held
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+DROP = UpstreamError("dropped", code="upstream_dropped", retryable=True)
+
+
+async def test_a_drop_after_text_is_continued_from_the_text_so_far() -> None:
+    """The prefill is the text without its trailing whitespace (Anthropic refuses it),
+    and the same whitespace is dropped from the start of the continuation: the reader
+    gets one answer, no character lost or doubled."""
+    provider = Scripted(
+        [Usage(input_tokens=7), TextDelta("Hello "), TextDelta("wor"), TextDelta("ld.  "), DROP],
+        [
+            Usage(input_tokens=9),
+            TextDelta(" "),
+            TextDelta(" The"),
+            TextDelta(" end."),
+            Stop("end_turn"),
+        ],
+    )
+    out = await pump(Target(provider, REQUEST, "m", prefill=True), POLICY, (got := []).append)
+    assert out is None
+    text = "".join(c.text for c in got if isinstance(c, TextDelta))
+    assert text == "Hello world.  The end."
+    assert provider.requests[1].prefill == "Hello world."
+    assert provider.requests[1].max_tokens == 50 - 3
+    marks = [c for c in got if isinstance(c, Attempt)]
+    assert marks == [
+        Attempt(2, 0, "m", "scripted", "upstream_dropped", marks[0].input_estimate, True)
+    ]
+    assert marks[0].input_estimate > 3  # prompt plus prefill
+
+
+async def test_a_model_without_continuation_is_never_sent_a_prefill() -> None:
+    provider = Scripted([TextDelta("partial"), DROP], [TextDelta("again"), Stop("end_turn")])
+    got: list[Any] = []
+    await pump(Target(provider, REQUEST, "m", prefill=False), POLICY, got.append)
+    assert provider.calls == 1 and got == [TextDelta("partial"), DROP]
+
+
+async def test_continuation_falls_back_after_the_attempts_are_spent_and_is_bounded() -> None:
+    primary = Scripted([TextDelta("one "), DROP], [TextDelta("two "), DROP])
+    spare = Scripted([TextDelta("three"), Stop("end_turn")])
+    refusing = Scripted([TextDelta("never")])
+    got: list[Any] = []
+    await pump(
+        Target(primary, REQUEST, "a", prefill=True),
+        POLICY,
+        got.append,
+        fallbacks=[Target(refusing, REQUEST, "b"), Target(spare, REQUEST, "c", prefill=True)],
+    )
+    assert primary.calls == 3 and refusing.calls == 0 and spare.calls == 1
+    assert spare.requests[0].prefill == "one two two"
+    assert "".join(c.text for c in got if isinstance(c, TextDelta)) == "one two two three"
+    assert [c.model for c in got if isinstance(c, Attempt)] == ["a", "a", "c"]
+    # Every attempt dropping: the error, after the bounded attempts, with the text kept.
+    always = Scripted([TextDelta("x "), DROP])
+    got = []
+    await pump(Target(always, REQUEST, "a", prefill=True), POLICY, got.append)
+    assert always.calls == 3 and got[-1] is DROP
+    assert "".join(c.text for c in got if isinstance(c, TextDelta)) == "x x x "
+
+
+async def test_a_continued_generation_sums_every_attempt_and_tells_the_reader() -> None:
+    provider = Scripted(
+        [Usage(input_tokens=10), TextDelta("ab "), TextDelta("cd "), DROP],
+        [Usage(input_tokens=12), TextDelta(" ef"), Usage(output_tokens=1), Stop("end_turn")],
+    )
+    gen = Generation(
+        provider,
+        REQUEST,
+        start_data={},
+        pricing=Pricing(1.0, 2.0),
+        options=PipelineOptions(upstream=POLICY),
+        model="m",
+        continuation=True,
+    )
+    events = await _list(gen.events())
+    names = [e.name for e in events]
+    assert names.count("start") == 1 and names.count("continued") == 1
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    deltas = [e.json() for e in events if e.name == "delta"]
+    assert "".join(d["text"] for d in deltas) == "ab cd ef"
+    assert [d["index"] for d in deltas] == [0, 3, 6]
+    continued = next(e.json() for e in events if e.name == "continued")
+    assert continued == {
+        "attempt": 2,
+        "reason": "upstream_dropped",
+        "model": "m",
+        "provider": "scripted",
+    }
+    done = events[-1].json()
+    assert done["usage"] == {"input_tokens": 22, "output_tokens": 3}
+    assert done["cost_usd"] == pytest.approx((22 * 1.0 + 3 * 2.0) / 1e6)
+    assert [(a["input_tokens"], a["output_tokens"]) for a in gen.attempts] == [(10, 2), (12, 1)]
+    percents = [e.json()["percent"] for e in events if e.name == "progress"]
+    assert percents == sorted(percents)

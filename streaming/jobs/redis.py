@@ -1,0 +1,161 @@
+"""The job queue as a Redis Stream consumer group: Redis's own work queue.
+
+    {prefix}jobs   Redis Stream; entry fields s (stream id), p (payload), t (submitted)
+    group `workers`: one consumer per worker process
+
+XADD submits, XREADGROUP claims (only as many as the worker has free slots), XCLAIM with
+JUSTID keeps a running job's idle time at zero, XAUTOCLAIM takes over jobs idle past the
+lease (their worker stopped), XACK + XDEL end a job. A draining worker releases its jobs
+by setting their idle time past any lease (XCLAIM IDLE), so they are taken over at the
+next XAUTOCLAIM of another worker instead of after the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from .base import Job, JobQueue, QueueError
+
+_GROUP = "workers"
+_RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000
+
+
+class RedisJobQueue(JobQueue):
+    def __init__(
+        self, client: aioredis.Redis, *, blocking: aioredis.Redis, prefix: str = "sserelay:"
+    ) -> None:
+        """`blocking`: a client whose connections may wait in XREADGROUP ... BLOCK."""
+        self._r = client
+        self._blocking = blocking
+        self._key = f"{prefix}jobs"
+        self._ready = False
+
+    async def _group(self) -> None:
+        if self._ready:
+            return
+        try:
+            await self._r.xgroup_create(self._key, _GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._ready = True
+
+    async def submit(self, stream_id: str, payload: bytes, *, now: float) -> None:
+        try:
+            await self._r.xadd(self._key, {"s": stream_id, "p": payload, "t": repr(now)})
+        except RedisError as exc:
+            raise QueueError(f"cannot queue the job: {exc}") from exc
+
+    async def claim(self, consumer: str, count: int, block_s: float) -> list[Job]:
+        try:
+            await self._group()
+            reply: Any = await self._blocking.xreadgroup(
+                _GROUP,
+                consumer,
+                {self._key: ">"},
+                count=count,
+                block=max(1, int(block_s * 1000)) if block_s > 0 else None,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the key was deleted (FLUSHALL): make it again
+                self._ready = False
+            raise QueueError(f"cannot claim jobs: {exc}") from exc
+        except RedisError as exc:
+            raise QueueError(f"cannot claim jobs: {exc}") from exc
+        return [_job(entry) for entry in reply[0][1]] if reply else []
+
+    async def reclaim(self, consumer: str, idle_s: float, count: int) -> list[Job]:
+        try:
+            await self._group()
+            reply: Any = await self._r.xautoclaim(
+                self._key, _GROUP, consumer, int(idle_s * 1000), "0-0", count=count
+            )
+        except RedisError as exc:
+            raise QueueError(f"cannot reclaim jobs: {exc}") from exc
+        # Entries deleted meanwhile come back as None (and in the third element).
+        return [_job(entry) for entry in reply[1] if entry and entry[1]]
+
+    async def keep(self, consumer: str, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            await self._r.xclaim(
+                self._key, _GROUP, consumer, 0, [job.id for job in jobs], justid=True
+            )
+        except RedisError as exc:
+            raise QueueError(f"cannot keep jobs: {exc}") from exc
+
+    async def release(self, consumer: str, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            await self._r.xclaim(
+                self._key,
+                _GROUP,
+                consumer,
+                0,
+                [job.id for job in jobs],
+                idle=_RELEASED_IDLE_MS,
+                justid=True,
+            )
+        except RedisError as exc:
+            raise QueueError(f"cannot release jobs: {exc}") from exc
+
+    async def ack(self, job: Job) -> None:
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.xack(self._key, _GROUP, job.id)
+                pipe.xdel(self._key, job.id)
+                await pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot acknowledge the job: {exc}") from exc
+
+    async def depth(self) -> int:
+        try:
+            await self._group()
+            groups: Any = await self._r.xinfo_groups(self._key)
+        except RedisError as exc:
+            raise QueueError(f"cannot read the queue: {exc}") from exc
+        for group in groups:
+            if _text(group.get("name")) == _GROUP:
+                lag = group.get("lag")
+                if lag is not None:
+                    return int(lag)
+                length = int(await self._r.xlen(self._key))
+                return max(0, length - int(group.get("pending", 0)))
+        return 0
+
+    async def consumers(self, active_s: float) -> int:
+        try:
+            await self._group()
+            found: Any = await self._r.xinfo_consumers(self._key, _GROUP)
+        except RedisError as exc:
+            raise QueueError(f"cannot read the queue: {exc}") from exc
+        limit = active_s * 1000
+        alive = 0
+        for consumer in found:
+            idle = int(consumer.get("idle", 0))
+            if idle <= limit:
+                alive += 1
+            elif idle > 3_600_000 and not int(consumer.get("pending", 0)):
+                # Gone for an hour with nothing pending: forget it.
+                await self._r.xgroup_delconsumer(self._key, _GROUP, _text(consumer["name"]))
+        return alive
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _job(entry: Any) -> Job:
+    entry_id, fields = entry
+    return Job(
+        id=_text(entry_id),
+        stream_id=fields[b"s"].decode(),
+        payload=fields[b"p"],
+        enqueued_at=float(fields.get(b"t", b"0")),
+    )
