@@ -285,6 +285,7 @@ async def _attempt(
     loop = asyncio.get_running_loop()
     started = False
     last_text = 0.0
+    carry = 0
     if observer is not None:
         observer.attempt()
     source = normalise(provider.stream(request))
@@ -304,12 +305,17 @@ async def _attempt(
                     if text and trim:
                         trim = ""  # it went another way: keep what it wrote
                     if not text:
+                        # Nothing left to relay, but its tokens were generated (billed).
+                        carry += chunk.tokens
                         if not started:
                             watchdog.switch(policy.idle_timeout_s)
                             started = True
                         watchdog.active()
                         continue
                     chunk = TextDelta(text, chunk.tokens)
+                if carry:
+                    chunk = TextDelta(chunk.text, chunk.tokens + carry)
+                    carry = 0
                 answer.parts.append(chunk.text)
                 answer.tokens += chunk.tokens
             if started:

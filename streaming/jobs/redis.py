@@ -1,7 +1,10 @@
 """The job queue as a Redis Stream consumer group: Redis's own work queue.
 
-    {prefix}jobs   Redis Stream; entry fields s (stream id), p (payload), t (submitted)
-    group `workers`: one consumer per worker process
+    {prefix}jobs      Redis Stream; entry fields s (stream id), p (payload), t (submitted)
+                      group `workers`: one consumer per worker process
+    {prefix}workers   sorted set: each worker's last beat (ms), for `consumers` (the
+                      group's own idle times are not refreshed by a worker that waits
+                      with nothing to do, on Redis 7.0)
 
 XADD submits, XREADGROUP claims (only as many as the worker has free slots), XCLAIM with
 JUSTID keeps a running job's idle time at zero, XAUTOCLAIM takes over jobs idle past the
@@ -12,6 +15,7 @@ next XAUTOCLAIM of another worker instead of after the lease.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +36,9 @@ class RedisJobQueue(JobQueue):
         self._r = client
         self._blocking = blocking
         self._key = f"{prefix}jobs"
+        self._beats = f"{prefix}workers"
         self._ready = False
+        self._known: set[str] = set()
 
     async def _group(self) -> None:
         if self._ready:
@@ -53,6 +59,9 @@ class RedisJobQueue(JobQueue):
     async def claim(self, consumer: str, count: int, block_s: float) -> list[Job]:
         try:
             await self._group()
+            if consumer not in self._known:
+                await self.keep(consumer, ())  # counted alive from its first claim
+                self._known.add(consumer)
             reply: Any = await self._blocking.xreadgroup(
                 _GROUP,
                 consumer,
@@ -63,6 +72,7 @@ class RedisJobQueue(JobQueue):
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # the key was deleted (FLUSHALL): make it again
                 self._ready = False
+                self._known.clear()
             raise QueueError(f"cannot claim jobs: {exc}") from exc
         except RedisError as exc:
             raise QueueError(f"cannot claim jobs: {exc}") from exc
@@ -80,12 +90,14 @@ class RedisJobQueue(JobQueue):
         return [_job(entry) for entry in reply[1] if entry and entry[1]]
 
     async def keep(self, consumer: str, jobs: Sequence[Job]) -> None:
-        if not jobs:
-            return
         try:
-            await self._r.xclaim(
-                self._key, _GROUP, consumer, 0, [job.id for job in jobs], justid=True
-            )
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._beats, {consumer: int(time.time() * 1000)})
+                if jobs:
+                    pipe.xclaim(
+                        self._key, _GROUP, consumer, 0, [job.id for job in jobs], justid=True
+                    )
+                await pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot keep jobs: {exc}") from exc
 
@@ -130,21 +142,15 @@ class RedisJobQueue(JobQueue):
         return 0
 
     async def consumers(self, active_s: float) -> int:
+        now = int(time.time() * 1000)
         try:
-            await self._group()
-            found: Any = await self._r.xinfo_consumers(self._key, _GROUP)
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.zcount(self._beats, now - int(active_s * 1000), "+inf")
+                pipe.zremrangebyscore(self._beats, "-inf", now - 3_600_000)  # gone an hour
+                alive, _ = await pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read the queue: {exc}") from exc
-        limit = active_s * 1000
-        alive = 0
-        for consumer in found:
-            idle = int(consumer.get("idle", 0))
-            if idle <= limit:
-                alive += 1
-            elif idle > 3_600_000 and not int(consumer.get("pending", 0)):
-                # Gone for an hour with nothing pending: forget it.
-                await self._r.xgroup_delconsumer(self._key, _GROUP, _text(consumer["name"]))
-        return alive
+        return int(alive)
 
 
 def _text(value: Any) -> str:
