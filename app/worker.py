@@ -194,6 +194,8 @@ class Worker:
             else:
                 services.accounting.forget(info.id)
                 services.metrics.streams_active.labels("streams").dec()
+                if how == "fenced":
+                    services.metrics.fenced.inc()
                 if how == "handover":
                     await self.queue.release(self.consumer, [job])
 

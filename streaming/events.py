@@ -27,6 +27,10 @@ class Event:
     id: int
     name: str
     data: bytes
+    tokens: int = 0
+    """For a `delta`: the stream's output tokens up to and including it, as counted
+    then. Stored with the event, never sent: a process taking the stream over knows
+    exactly how much of the answer's budget is spent."""
 
     @property
     def terminal(self) -> bool:
@@ -55,6 +59,6 @@ class EventEncoder:
     def __init__(self, last_id: int = 0) -> None:
         self.last_id = last_id
 
-    def __call__(self, name: str, data: dict[str, Any]) -> Event:
+    def __call__(self, name: str, data: dict[str, Any], tokens: int = 0) -> Event:
         self.last_id += 1
-        return Event(self.last_id, name, encode_data(data))
+        return Event(self.last_id, name, encode_data(data), tokens)

@@ -229,9 +229,10 @@ class StreamManager:
 
 
 def resume_point(info: StreamInfo, events: list[Event], now: float) -> Resume:
-    """Where a stream stood, judged from its log alone: the answer so far, output tokens
-    as of the last `progress` plus an estimate for the text logged after it, and the
-    prompt's estimate as what earlier attempts used of the input."""
+    """Where a stream stood, judged from its log alone: the answer so far, the output
+    tokens its last delta recorded (else as of the last `progress`, plus an estimate for
+    the text logged after it), and the prompt's estimate as what earlier attempts used
+    of the input."""
     output, chars_after, percent = 0, 0, 0.0
     parts: list[str] = []
     for event in events:
@@ -242,7 +243,10 @@ def resume_point(info: StreamInfo, events: list[Event], now: float) -> Resume:
         elif event.name == "delta":
             text = event.json()["text"]
             parts.append(text)
-            chars_after += len(text)
+            if event.tokens:  # counted as it was written
+                output, chars_after = event.tokens, 0
+            else:
+                chars_after += len(text)
     if chars_after:
         output += estimate_tokens(chars_after)
     return Resume(

@@ -495,7 +495,9 @@ class Generation:
                         parts.append(data["text"])
                     if name == "done":
                         self.end("done", stop_reason=data["stop_reason"])
-                    batch.append(encode(name, data))
+                    batch.append(
+                        encode(name, data, self.meter.output_tokens if name == "delta" else 0)
+                    )
                 yield batch
         except UpstreamError as exc:
             yield [self.abort(exc.code, exc.message, retryable=exc.retryable)]

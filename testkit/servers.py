@@ -119,7 +119,17 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+        # Read its output as it comes: a process whose log fills the pipe would block
+        # on its next write, and look hung.
+        self._output: list[bytes] = []
+        self._drainer = threading.Thread(target=self._drain_output, daemon=True)
+        self._drainer.start()
         wait_http(self.url, alive=lambda: self.proc.poll() is None)
+
+    def _drain_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._output.append(line)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -129,10 +139,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._drainer.join(timeout=5)
         assert self.proc.stdout is not None
-        output = self.proc.stdout.read().decode(errors="replace")
         self.proc.stdout.close()
-        return output
+        return b"".join(self._output).decode(errors="replace")
 
 
 class RedisServer:

@@ -143,7 +143,7 @@ class RedisStreamLog(StreamLog):
         live = self._live_ms if events and events[0].id == 1 else 0
         args: list[Any] = [epoch, self.max_events, live]
         for event in events:
-            args += (event.id, event.name, event.data)
+            args += (event.id, event.name, event.data, event.tokens)
         _queue_script(
             pipe, self._append, [self._key(stream_id, "ev"), self._key(stream_id, "m")], args
         )
@@ -289,6 +289,11 @@ def _fenced(exc: BaseException) -> bool:
 
 def _parse(entries: Any) -> list[Event]:
     return [
-        Event(int(entry_id.split(b"-", 1)[1]), fields[b"n"].decode(), fields[b"d"])
+        Event(
+            int(entry_id.split(b"-", 1)[1]),
+            fields[b"n"].decode(),
+            fields[b"d"],
+            int(fields.get(b"t", 0)),
+        )
         for entry_id, fields in entries
     ]

@@ -117,9 +117,7 @@ async def test_a_fault_after_text_is_continued_exactly(
     # prompt is billed at the estimate.)
     done = events.last("done")
     dropped = (
-        count_input_tokens(first.body)
-        if model == "claude"
-        else estimate_tokens(len("continue me"))
+        count_input_tokens(first.body) if model == "claude" else estimate_tokens(len("continue me"))
     )
     inputs = dropped + count_input_tokens(second.body)
     assert done["usage"]["input_tokens"] == inputs
