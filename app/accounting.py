@@ -134,7 +134,9 @@ class StreamAccounting:
         mode = self.records_content
         prompt = output = None
         request_id = None
+        attempts = None
         if generation is not None:
+            attempts = generation.attempts
             request = generation.request
             request_id = request.request_id
             prompt = json.dumps(
@@ -163,6 +165,7 @@ class StreamAccounting:
             "ttft_ms": outcome.ttft_ms,
             "duration_ms": outcome.duration_ms,
             "retries": outcome.retries,
+            "attempts": attempts,
             "input": content(prompt, mode),
             "output": content(output, mode),
         }

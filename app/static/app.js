@@ -131,6 +131,7 @@ function resetOutput() {
   for (const [id, text] of Object.entries(blank)) $(id).textContent = text;
   $('progress').value = 0;
   $('feedback').hidden = true;
+  $('recovered').hidden = true;
   $('feedback-status').textContent = '';
   for (const id of ['thumb-up', 'thumb-down']) $(id).disabled = false;
   showError('');
@@ -242,6 +243,12 @@ const HANDLERS = {
     renderText();
   },
   onProgress: renderProgress,
+  onContinued(d) {
+    // Informational: the text goes on seamlessly; say discreetly that it recovered.
+    const why = d.reason === 'takeover' ? 'another worker took over' : `the provider failed (${d.reason})`;
+    $('recovered').textContent = `Recovered: ${why}; continued on ${d.model} (attempt ${d.attempt}).`;
+    $('recovered').hidden = false;
+  },
   onDone(d) {
     const cost = d.cost_usd;
     renderProgress({ percent: 100, eta_ms: 0, output_tokens: d.usage?.output_tokens,

@@ -25,7 +25,7 @@
 //   for one has no reader, so the server cancels it as orphaned.
 
 const TERMINAL = new Set(['done', 'error']);
-const EVENTS = ['start', 'delta', 'progress', 'done', 'error'];
+const EVENTS = ['start', 'delta', 'progress', 'continued', 'done', 'error'];
 const KEY_PREFIX = 'sserelay.stream.';
 const STATE_RANK = { closed: 0, open: 1, connecting: 2, reconnecting: 3 };
 
@@ -205,6 +205,8 @@ export class Relay {
    * Follow one stream (`id`) or several (`[id, ...]`: one connection for up to 32).
    * Handlers (all optional; the stream's id comes last): onStart(data, id),
    * onDelta(text, index, id), onProgress(data, id), onDone(data, id), onError(data, id),
+   * onContinued(data, id) (the answer goes on after a provider drop or a worker takeover:
+   * {attempt, reason, model, provider}; the deltas simply continue the same text),
    * onConnection(state, subscription) with state 'connecting' | 'open' | 'reconnecting' |
    * 'closed'. onError gets the server's `error` event data ({code, message, retryable}),
    * or, when the client gives up, the same shape with `client: true`. Unknown events
@@ -352,6 +354,7 @@ class Subscription {
     if (name === 'start') this._call('onStart', data, stream.id);
     else if (name === 'delta') this._call('onDelta', data.text, data.index, stream.id);
     else if (name === 'progress') this._call('onProgress', data, stream.id);
+    else if (name === 'continued') this._call('onContinued', data, stream.id);
     else if (TERMINAL.has(name)) return this._end(stream, name, data);
     this.relay._remember(stream);
   }

@@ -5,6 +5,7 @@ stream: one `start`, contiguous ids and `index`, no character lost or doubled, a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,7 +64,9 @@ async def _run(client: httpx.AsyncClient, relay: ServerThread, model: str) -> Co
     r = await client.post(relay.url + "/v1/streams", json=body, headers=auth())
     assert r.status_code == 201, r.text
     async with client.stream("GET", relay.url + r.json()["events_url"]) as response:
-        return await collect(response)
+        collected = await collect(response)
+    collected.stream_id = r.json()["id"]  # type: ignore[attr-defined]
+    return collected
 
 
 def _seamless(events: Collected) -> None:
@@ -159,6 +162,19 @@ async def test_a_fallback_continues_once_the_primary_attempts_are_spent(
     _seamless(events)
     told = [e.data for e in events.events if e.event == "continued"]
     assert [(c["model"], c["attempt"]) for c in told] == [("primary", 2), ("backup", 3)]
+    # The request record lists the attempts, each with what it used.
+    record = None
+    for _ in range(50):
+        record = await continuing.services.records.get(events.stream_id)  # type: ignore[attr-defined]
+        if record is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert record is not None
+    assert [(a["model"], a["reason"], a["output_tokens"]) for a in record["attempts"]] == [
+        ("primary", None, 5),
+        ("primary", "upstream_dropped", 5),
+        ("backup", "upstream_dropped", 32),
+    ]
     records = upstream.app.records
     # claude-new cannot continue: never asked. backup continues from 10 tokens.
     assert [r.api for r in records] == ["anthropic", "anthropic", "openai"]
