@@ -27,7 +27,7 @@ def pair(config_path: Path, redis_url: str) -> Iterator[tuple[ServerProcess, Ser
         "SSERELAY_REDIS_PREFIX": f"t-{uuid.uuid4().hex[:6]}:",
         "SSERELAY_JWT_SECRET": SECRET,
         "SSERELAY_CONFIG": str(config_path),
-        "SSERELAY_LEASE_S": "1",
+        "SSERELAY_GENERATION_LEASE_S": "1",
         "SSERELAY_SUPERVISOR_TICK_S": "0.2",
     }
     a, b = ServerProcess(env), ServerProcess(env)
@@ -72,12 +72,12 @@ async def test_cancel_on_another_process_stops_the_generation(
         items = sse_events(response)
         await collect(items, stop_after=3)
         r = await client.delete(b.url + created["status_url"], headers=auth())
-        assert r.status_code == 202
+        assert r.status_code == 202, r.text
         rest = await collect(items)
     assert rest.names[-1] == "error" and rest.last("error")["code"] == "cancelled"
 
 
-async def test_a_reader_is_told_when_the_generating_process_dies(
+async def test_a_reader_sees_no_error_when_a_process_dies(
     config_path: Path,
     redis_url: str,
     pair: tuple[ServerProcess, ServerProcess],
@@ -95,10 +95,12 @@ async def test_a_reader_is_told_when_the_generating_process_dies(
         tail = await collect(items)
     doomed.stop()
     assert head.names[0] == "start", head
-    assert tail.names, tail
-    assert tail.names[-1] == "error", tail.names
-    error = tail.last("error")
-    assert error["code"] == "stream_lost" and error["retryable"] is True
+    # Whichever process ran it (a job goes to whoever claims it first), the answer is
+    # whole: taken over and continued if it ran on the killed one.
+    whole = Collected(events=head.events + tail.events)
+    assert whole.names[-1] == "done", whole.names
+    request = GenerationRequest("sim-slow", (Message("user", BODY["prompt"]),), 30)
+    assert whole.text == simulated_text(request, 30)
 
 
 async def test_two_processes_admit_exactly_the_limit(
