@@ -3,15 +3,17 @@ nothing was relayed, else one terminal `error` event and a truthful usage record
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from testkit.fake_upstream import FakeUpstreamServer, expected_text
 from testkit.servers import ServerThread
 from testkit.sse import Collected, collect
-from tests.support import auth
+from tests.support import auth, relay_settings, write_config
 
 
 async def run(client: httpx.AsyncClient, relay: ServerThread, model: str) -> Collected:
@@ -69,17 +71,33 @@ MIDSTREAM: dict[str, tuple[str, bool]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def not_continuing(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstreamServer
+) -> Iterator[ServerThread]:
+    """Both provider kinds set up not to continue an answer (`continuation: none`):
+    what a failure after text does then. (Continuation: test_continuation.py.)"""
+    path = write_config(tmp_path_factory.mktemp("faults"), upstream.url)
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    for provider in raw["providers"].values():
+        provider["continuation"] = "none"
+    path.write_text(yaml.safe_dump(raw))
+    server = ServerThread(relay_settings(path))
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("model", ["claude", "gpt"])
 @pytest.mark.parametrize("fault", sorted(MIDSTREAM))
 async def test_failures_after_text_end_with_an_error_event_and_keep_the_text(
-    relay: ServerThread,
+    not_continuing: ServerThread,
     upstream: FakeUpstreamServer,
     client: httpx.AsyncClient,
     model: str,
     fault: str,
 ) -> None:
     upstream.app.push_faults([{"fault": fault, "fault_after": 5}])
-    events = await run(client, relay, model)
+    events = await run(client, not_continuing, model)
     code, retryable = MIDSTREAM[fault]
     if model == "gpt" and fault == "overloaded":
         code = "upstream_unavailable"  # OpenAI's mid-stream error carries no overload type
