@@ -7,6 +7,10 @@ as the load generator. Paths:
 - `upstream`: straight to the fake upstream, the physical limit;
 - `direct`: `POST /v1/chat/stream` through sserelay;
 - `resumable`: `POST /v1/streams`, then its events URL (stream log in Redis).
+
+The other topology (`ApiWorkers`, started only by the scenario that measures it):
+`sserelay serve --api-only` and N `sserelay worker` processes on a Redis of their own,
+the same config and the same fake upstream.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from auth import SigningKey, TokenIssuer
 from testkit.servers import RedisServer, free_port, wait_http
 
 from . import client
-from .client import Sample
+from .client import Pool, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -78,6 +82,7 @@ class Harness:
             "bench", "bench", ttl_s=86400
         )[0]
         self.auth = {"authorization": f"Bearer {self.token}"}
+        self.topologies: list[ApiWorkers] = []
 
     def start(self) -> None:
         self.up_port = free_port()
@@ -115,6 +120,7 @@ class Harness:
             "SSERELAY_JWT_SECRET": SECRET,
             "SSERELAY_LOG_LEVEL": "warning",
         }
+        self.relay_env = dict(env)  # what another topology's processes share with this one
         if self.use_redis:
             self.redis = RedisServer()
             env["SSERELAY_REDIS_URL"] = self.redis.url
@@ -133,7 +139,22 @@ class Harness:
         self.procs.append(proc)
         return proc
 
+    def api_workers(self, workers: int) -> ApiWorkers:
+        """Start `sserelay serve --api-only` and `workers` `sserelay worker`s on a Redis of
+        their own (the one process's Redis has a queue its own generation tier claims
+        from); returns once the API is ready and every worker answers."""
+        topology = ApiWorkers(self, workers)
+        self.topologies.append(topology)
+        try:
+            topology.start()
+        except BaseException:
+            topology.stop()
+            raise
+        return topology
+
     def stop(self) -> None:
+        for topology in self.topologies:
+            topology.stop()
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
@@ -160,8 +181,17 @@ class Harness:
         await client.request_json(self.up_port, "DELETE", "/_control/requests")
 
     async def one(
-        self, path: str, max_tokens: int, first: asyncio.Future[None] | None = None
+        self,
+        path: str,
+        max_tokens: int,
+        first: asyncio.Future[None] | None = None,
+        *,
+        port: int | None = None,
+        pool: Pool | None = None,
     ) -> Sample:
+        """One stream. `port`: the sserelay process to ask (default: the one process);
+        `pool`: keep-alive connections to reuse (default: a new connection per request,
+        closed after it; the resumable path then opens two)."""
         if path == "upstream":
             body = {
                 "model": "fake",
@@ -171,18 +201,33 @@ class Harness:
                 "stream_options": {"include_usage": True},
             }
             return await client.stream(
-                self.up_port, "POST", "/v1/chat/completions", body, {}, "openai", first=first
+                self.up_port,
+                "POST",
+                "/v1/chat/completions",
+                body,
+                {},
+                "openai",
+                first=first,
+                pool=pool,
             )
+        relay = self.relay_port if port is None else port
         body = {"model": "bench", "prompt": "bench", "max_tokens": max_tokens}
         if path == "direct":
             return await client.stream(
-                self.relay_port, "POST", "/v1/chat/stream", body, self.auth, "sserelay", first=first
+                relay,
+                "POST",
+                "/v1/chat/stream",
+                body,
+                self.auth,
+                "sserelay",
+                first=first,
+                pool=pool,
             )
         started = time.perf_counter()
-        created = await client.request_json(self.relay_port, "POST", "/v1/streams", body, self.auth)
+        created = await client.request_json(relay, "POST", "/v1/streams", body, self.auth, pool)
         # Time to first text counts from the POST: that is what a user waits.
         return await client.stream(
-            self.relay_port,
+            relay,
             "GET",
             created["events_url"],
             None,
@@ -190,6 +235,7 @@ class Harness:
             "sserelay",
             started,
             first=first,
+            pool=pool,
         )
 
     async def settle(self, timeout: float = 30.0) -> None:
@@ -208,6 +254,96 @@ class Harness:
                 return
             await asyncio.sleep(0.2)
         raise RuntimeError("sserelay still has streams open")
+
+
+class ApiWorkers:
+    """`sserelay serve --api-only` (HTTP: admits, queues, serves the events) and N
+    `sserelay worker`s (generation, claimed from the queue), sharing a private Redis."""
+
+    def __init__(self, harness: Harness, workers: int) -> None:
+        self.harness = harness
+        self.workers = workers
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.redis: RedisServer | None = None
+        self.api: subprocess.Popen[bytes] | None = None
+        self.worker_procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        h = self.harness
+        self.redis = RedisServer()
+        env = {**h.relay_env, "SSERELAY_REDIS_URL": self.redis.url}
+        self.port = free_port()
+        self.api = self._spawn(
+            "sserelay-api", ["serve", "--api-only"], {**env, "SSERELAY_PORT": str(self.port)}
+        )
+        self.worker_ports = ports = [free_port() for _ in range(self.workers)]
+        for i, port in enumerate(ports, 1):
+            self.worker_procs.append(
+                self._spawn(
+                    f"sserelay-worker-{i}",
+                    ["worker", "--host", "127.0.0.1", "--port", str(port)],
+                    env,
+                )
+            )
+        for port, proc in zip(ports, self.worker_procs, strict=True):
+            wait_http(f"http://127.0.0.1:{port}", "/readyz", alive=lambda p=proc: p.poll() is None)
+        # 503 until a worker has beaten: then what the API queues is claimed.
+        api = self.api
+        wait_http(f"http://127.0.0.1:{self.port}", "/readyz", alive=lambda: api.poll() is None)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = self.harness._spawn(name, [sys.executable, "-m", "app.cli", *args], env)
+        self.harness.procs.remove(proc)  # stopped here, before the harness's own
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def api_cpu(self) -> float:
+        assert self.api is not None
+        return cpu_seconds(self.api.pid)
+
+    @property
+    def workers_cpu(self) -> float:
+        return sum(cpu_seconds(proc.pid) for proc in self.worker_procs)
+
+    @property
+    def redis_cpu(self) -> float:
+        assert self.redis is not None
+        return cpu_seconds(self.redis.proc.pid)
+
+    async def worker_counts(self) -> list[dict[str, float]]:
+        """Per worker, from its /metrics: streams finished, jobs claimed and the seconds
+        they waited in the queue, summed."""
+        counts = []
+        for port in self.worker_ports:
+            reader, writer, _, headers = await client.request(port, "GET", "/metrics")
+            body = b"".join([c async for c in client.chunks(reader, headers)])
+            writer.close()
+            count = {"finished": 0.0, "claimed": 0.0, "queue_wait_s": 0.0}
+            for line in body.decode().splitlines():
+                if line.startswith("sserelay_streams_finished_total{"):
+                    count["finished"] += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("sserelay_queue_wait_seconds_count "):
+                    count["claimed"] = float(line.rsplit(" ", 1)[1])
+                elif line.startswith("sserelay_queue_wait_seconds_sum "):
+                    count["queue_wait_s"] = float(line.rsplit(" ", 1)[1])
+            counts.append(count)
+        return counts
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
 
 def describe_machine() -> dict[str, Any]:

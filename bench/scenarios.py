@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from testkit.fake_upstream import expected_text
 
 from . import client
-from .client import Sample
-from .harness import BENCH_PLAN, PATHS, Harness, cpu_seconds, own_cpu_seconds
+from .client import Pool, Sample
+from .harness import BENCH_PLAN, PATHS, ApiWorkers, Harness, cpu_seconds, own_cpu_seconds
 
 Figures = dict[str, dict[str, Any]]
 
@@ -41,6 +41,11 @@ class Sizes:
     limiter_s: float = 5.0
     limiter_concurrency: int = 32
     limiter_latency_samples: int = 2000
+    api_workers: int = 2
+    # Not 500 as in 2: this topology spends about 0.6 s of CPU per 1,000 events (the API
+    # reads every event back from Redis), so 500 streams at 20 tokens/s would need about
+    # six cores, and on two would measure only the backlog.
+    api_workers_in_flight: int = 100
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -391,3 +396,150 @@ async def limiter(h: Harness, sizes: Sizes) -> Measured:
         }
     }
     return Measured(figures)
+
+
+# The api+workers scenario's paths: each sserelay path is compared with the upstream
+# reached the same way (a new connection per request, or kept-alive connections).
+API_WORKERS_PATHS = ("upstream", "upstream_reused", "resumable", "resumable_reused")
+_BASE = {"resumable": "upstream", "resumable_reused": "upstream_reused"}
+
+
+async def api_workers(h: Harness, sizes: Sizes) -> dict[str, Measured]:
+    """7. The other topology: `sserelay serve --api-only` plus N `sserelay worker`s on a
+    private Redis, on the resumable route (POST /v1/streams to the API, a worker claims
+    and generates, GET events_url from the API), against the upstream in the same
+    scenario: one stream at a time (as 1) and N in flight (as 2). Each load twice: a new
+    connection per request (the POST and the GET each open one), and kept-alive
+    connections (the POST and the GET on one connection, reused by the next stream)."""
+    topology = h.api_workers(sizes.api_workers)
+    try:
+        one = await _api_workers_sequential(h, topology, sizes)
+        many = await _api_workers_concurrent(h, topology, sizes)
+    finally:
+        topology.stop()
+    return {"api_workers_sequential": one, "api_workers_concurrent": many}
+
+
+def _api_workers_path(
+    h: Harness, topology: ApiWorkers, path: str
+) -> tuple[Callable[[int], Awaitable[Sample]], Pool | None]:
+    upstream = path.startswith("upstream")
+    pool = Pool(h.up_port if upstream else topology.port) if path.endswith("_reused") else None
+    if upstream:
+        return lambda tokens: h.one("upstream", tokens, pool=pool), pool
+    return lambda tokens: h.one("resumable", tokens, port=topology.port, pool=pool), pool
+
+
+async def _spread(topology: ApiWorkers, before: list[dict[str, float]]) -> dict[str, Any]:
+    """How the streams since `before` spread over the workers, and how long their jobs
+    waited to be claimed."""
+    after = await topology.worker_counts()
+    finished = [a["finished"] - b["finished"] for a, b in zip(after, before, strict=True)]
+    claimed = sum(a["claimed"] - b["claimed"] for a, b in zip(after, before, strict=True))
+    waited = sum(a["queue_wait_s"] - b["queue_wait_s"] for a, b in zip(after, before, strict=True))
+    return {
+        "busiest_worker_share": round(max(finished) / sum(finished), 3) if any(finished) else None,
+        "queue_wait_mean_ms": round(waited / claimed * 1000, 3) if claimed else None,
+    }
+
+
+def _api_workers_added(figures: Figures, topology: ApiWorkers) -> None:
+    for path, base in _BASE.items():
+        for q in ("p50", "p99"):
+            figures[path][f"added_{q}_ms"] = round(
+                figures[path][f"ttft_{q}_ms"] - figures[base][f"ttft_{q}_ms"], 3
+            )
+        figures[path]["workers"] = topology.workers
+
+
+async def _api_workers_sequential(h: Harness, topology: ApiWorkers, sizes: Sizes) -> Measured:
+    tokens = 20
+    await h.shape(tokens=tokens, tps=0, batch=1)
+    want = expected_text(tokens)
+    figures: Figures = {}
+    ttfts: dict[str, list[float]] = {}
+    for path in API_WORKERS_PATHS:
+        one, pool = _api_workers_path(h, topology, path)
+        try:
+            await one(tokens)  # warm connections and code paths
+            counts = await topology.worker_counts()
+            api, workers = topology.api_cpu, topology.workers_cpu
+            samples = [await one(tokens) for _ in range(sizes.sequential_streams)]
+        finally:
+            if pool is not None:
+                pool.close()
+        figures[path] = {
+            **_ttft_figures(samples),
+            "streams": len(samples),
+            "intact": all(s.text == want for s in samples),
+        }
+        if pool is not None:
+            figures[path]["connections_opened"] = pool.opened
+        if not path.startswith("upstream"):
+            api, workers = topology.api_cpu - api, topology.workers_cpu - workers
+            figures[path] |= {
+                "sserelay_cpu_ms_per_stream": round((api + workers) / len(samples) * 1000, 3),
+                "api_cpu_ms_per_stream": round(api / len(samples) * 1000, 3),
+                "workers_cpu_ms_per_stream": round(workers / len(samples) * 1000, 3),
+                **await _spread(topology, counts),
+            }
+        ttfts[path] = [s.ttft_s for s in samples]
+    _api_workers_added(figures, topology)
+    return Measured(figures, ttfts)
+
+
+async def _api_workers_concurrent(h: Harness, topology: ApiWorkers, sizes: Sizes) -> Measured:
+    n, tokens, tps = sizes.api_workers_in_flight, sizes.concurrent_tokens, sizes.concurrent_tps
+    await h.shape(tokens=tokens, tps=tps, batch=1)
+    want = expected_text(tokens)
+    interval = tokens / tps / n
+    figures: Figures = {}
+    ttfts: dict[str, list[float]] = {}
+    for path in API_WORKERS_PATHS:
+        one, pool = _api_workers_path(h, topology, path)
+        samples: list[Sample | None] = [None] * (2 * n)
+        try:
+            await one(tokens)
+            counts = await topology.worker_counts()
+            api, workers, own = topology.api_cpu, topology.workers_cpu, own_cpu_seconds()
+            t0 = time.perf_counter()
+
+            async def run(
+                i: int,
+                one: Callable[[int], Awaitable[Sample]] = one,
+                t0: float = t0,
+                samples: list[Sample | None] = samples,
+            ) -> None:
+                await asyncio.sleep(max(0.0, t0 + i * interval - time.perf_counter()))
+                samples[i] = await one(tokens)
+
+            await asyncio.gather(*(run(i) for i in range(2 * n)))
+            wall = time.perf_counter() - t0
+        finally:
+            if pool is not None:
+                pool.close()
+        done = [s for s in samples if s is not None]
+        steady = done[n:]
+        relayed = sum(len(s.text) > 0 for s in done) * tokens
+        figures[path] = {
+            **_ttft_figures(steady),
+            "streams": len(done),
+            "in_flight": n,
+            "intact": len(done) == 2 * n and all(s.text == want for s in done),
+            "wall_s": round(wall, 2),
+            "load_generator_cpu_s": round(own_cpu_seconds() - own, 3),
+        }
+        if pool is not None:
+            figures[path]["connections_opened"] = pool.opened
+        if not path.startswith("upstream"):
+            api, workers = topology.api_cpu - api, topology.workers_cpu - workers
+            figures[path] |= {
+                "sserelay_cpu_s": round(api + workers, 3),
+                "api_cpu_s": round(api, 3),
+                "workers_cpu_s": round(workers, 3),
+                "sserelay_cpu_s_per_1k_tokens": round((api + workers) / relayed * 1000, 4),
+                **await _spread(topology, counts),
+            }
+        ttfts[path] = [s.ttft_s for s in steady]
+    _api_workers_added(figures, topology)
+    return Measured(figures, ttfts)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ._exceptions import StreamFenced, StreamingError
+from ._exceptions import StreamFenced, StreamingError, StreamLogError
 from ._tasks import cancel_and_wait
 from .events import Event
 from .log import LogWriter, StreamInfo, StreamLog, StreamStatus
@@ -137,7 +137,9 @@ class StreamManager:
             async for event in generation.events():
                 writer.add(event)
                 if writer.error is not None:
-                    raise writer.error
+                    if isinstance(writer.error, StreamFenced):
+                        raise writer.error
+                    raise StreamLogError("cannot append to the stream log")
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:

@@ -24,9 +24,9 @@ from tests.unit.test_pipeline import POLICY, REQUEST, Scripted
 class SlowLog(MemoryStreamLog):
     """Appends take a while, as over a network."""
 
-    async def append(self, stream_id: str, events: Sequence[Event]) -> None:
+    async def append(self, stream_id: str, events: Sequence[Event], *, epoch: int = 1) -> None:
         await asyncio.sleep(0.05)
-        await super().append(stream_id, events)
+        await super().append(stream_id, events, epoch=epoch)
 
 
 async def test_a_cancel_while_the_stream_is_ending_cannot_skip_its_finish() -> None:
