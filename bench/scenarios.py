@@ -46,6 +46,7 @@ class Sizes:
     # reads every event back from Redis), so 500 streams at 20 tokens/s would need about
     # six cores, and on two would measure only the backlog.
     api_workers_in_flight: int = 100
+    api_workers_tokens: int = 100  # at concurrent_tps: 5 s streams, 15 s a path
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -59,6 +60,7 @@ class Sizes:
             open_counts=(200, 1000),
             limiter_s=2.0,
             limiter_latency_samples=500,
+            api_workers_tokens=40,
         )
 
 
@@ -489,7 +491,7 @@ async def _api_workers_sequential(h: Harness, topology: ApiWorkers, sizes: Sizes
 
 
 async def _api_workers_concurrent(h: Harness, topology: ApiWorkers, sizes: Sizes) -> Measured:
-    n, tokens, tps = sizes.api_workers_in_flight, sizes.concurrent_tokens, sizes.concurrent_tps
+    n, tokens, tps = sizes.api_workers_in_flight, sizes.api_workers_tokens, sizes.concurrent_tps
     await h.shape(tokens=tokens, tps=tps, batch=1)
     want = expected_text(tokens)
     interval = tokens / tps / n

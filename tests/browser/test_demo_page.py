@@ -12,7 +12,7 @@ from playwright.async_api import Browser, Page
 
 from streaming import GenerationRequest, Message, simulated_text
 from streaming.providers import estimate_tokens
-from testkit.fake_upstream import FakeUpstreamServer
+from testkit.fake_upstream import FakeUpstreamServer, expected_text
 from testkit.servers import ServerThread
 from tests.support import relay_settings, write_config
 
@@ -248,3 +248,18 @@ async def test_favicon_and_feedback_buttons_need_no_emoji_font(page: Page) -> No
         text = (await page.text_content(button) or "").strip()
         assert text == label
         assert all(ord(c) < 0x2000 for c in text)
+
+
+async def test_a_provider_drop_is_continued_and_the_page_says_so_discreetly(
+    page: Page, upstream: FakeUpstreamServer
+) -> None:
+    upstream.app.push_faults([{"fault": "drop", "fault_after": 8}])
+    await start(page, "claude", 200)
+    await page.wait_for_selector("#status[data-state=done]", timeout=15000)
+    assert await page.text_content("#output") == expected_text(40)
+    assert await page.is_visible("#recovered")
+    note = await page.text_content("#recovered") or ""
+    assert "upstream_dropped" in note and "claude" in note
+    await start(page, "sim-fast", 5)  # the next answer starts without the note
+    await page.wait_for_selector("#status[data-state=done]", timeout=15000)
+    assert not await page.is_visible("#recovered")
