@@ -159,7 +159,10 @@ class Worker:
                 await self.queue.release(self.consumer, [job])
             return
         events: list[Event] = []
-        while batch := await log.read(info.id, events[-1].id if events else 0, limit=5000):
+        # The first owner finds nothing written: reading would cost a round trip.
+        while epoch > 1 and (
+            batch := await log.read(info.id, events[-1].id if events else 0, limit=5000)
+        ):
             events.extend(batch)
         if events and events[-1].terminal:
             # It ended, but its worker stopped before recording that (or settling it).
