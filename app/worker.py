@@ -151,7 +151,12 @@ class Worker:
             return
         log = services.log
         epoch = await log.take(info.id, self.lease_s)
-        if epoch == 0:  # ended (or expired) already
+        for _ in range(10):  # its creation and its job were sent at once: let it land
+            if epoch != -2:
+                break
+            await asyncio.sleep(0.02)
+            epoch = await log.take(info.id, self.lease_s)
+        if epoch in (0, -2):  # ended, or gone (expired, or never created)
             await self.queue.ack(job)
             return
         if epoch < 0:  # its owner is alive after all; let the next look find it idle

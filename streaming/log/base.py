@@ -127,9 +127,10 @@ class StreamLog(abc.ABC):
     async def take(self, stream_id: str, lease_s: float) -> int:
         """Become the one process generating a stream, atomically: only if it is still
         `running` and nobody holds its lease. Returns the new fencing epoch (1 for the
-        first owner, one more for each takeover); 0 if the stream ended or is gone, -1
-        if a live owner holds it. Every later write of the caller carries the epoch and
-        is refused once another process took the stream over."""
+        first owner, one more for each takeover); 0 if the stream ended, -1 if a live
+        owner holds it, -2 if there is no such stream (not yet, or no longer). Every
+        later write of the caller carries the epoch and is refused once another process
+        took the stream over."""
 
     @abc.abstractmethod
     async def release(self, stream_id: str, epoch: int) -> None:

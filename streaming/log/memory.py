@@ -82,7 +82,9 @@ class MemoryStreamLog(StreamLog):
 
     async def take(self, stream_id: str, lease_s: float) -> int:
         entry = self._get(stream_id)
-        if entry is None or entry.info.status != "running":
+        if entry is None:
+            return -2
+        if entry.info.status != "running":
             return 0
         now = self._clock()
         if entry.lease_until > now:

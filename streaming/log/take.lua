@@ -4,9 +4,12 @@
 --
 -- KEYS[1] meta hash   KEYS[2] lease
 -- ARGV[1] lease ms
--- Returns the new epoch; 0 if the stream ended or is gone; -1 if a live owner holds it.
+-- Returns the new epoch; 0 if the stream ended; -1 if a live owner holds it; -2 if it
+-- does not exist (not yet: its creation may still be on the way; or no longer).
 
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -2 end
+if status ~= 'running' then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('SET', KEYS[2], epoch, 'PX', ARGV[1])
