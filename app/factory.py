@@ -62,8 +62,8 @@ def create_app(
                 services.drain.worker = worker
                 app.state.worker = worker
                 worker.start()
-                # Closed after the manager (registered later, so it runs first): it stops
-                # claiming before the streams it runs are ended.
+                # Registered after the manager's close, so it runs before it: the worker
+                # stops claiming before the streams it runs are ended.
                 stack.push_async_callback(worker.aclose)
             background = [
                 asyncio.create_task(services.accounting.keep_leases(), name="lease-keeper")

@@ -404,11 +404,35 @@ def redis_clients(
             url, max_connections=max_connections, socket_timeout=command_timeout_s, **common
         )
     )
-    tail = Redis(
+    return client, _single(url, tail_timeout_s, common), breaker
+
+
+def blocking_client(
+    url: str,
+    breaker: Breaker,
+    *,
+    connect_timeout_s: float = 1.0,
+    pool_timeout_s: float = 1.0,
+    block_s: float = 1.0,
+) -> Redis:
+    """One more dedicated connection for a blocking command (the job queue's
+    XREADGROUP), sharing `breaker`: a blocking command on the tail's connection would
+    hold every reader of the stream log behind it."""
+    common: dict[str, Any] = {
+        "breaker": breaker,
+        "timeout": pool_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    return _single(url, block_s + 2.0, common)
+
+
+def _single(url: str, timeout_s: float, common: dict[str, Any]) -> Redis:
+    single = Redis(
         connection_pool=BreakerConnectionPool.from_url(
-            url, max_connections=1, socket_timeout=tail_timeout_s, may_probe=False, **common
+            url, max_connections=1, socket_timeout=timeout_s, may_probe=False, **common
         ),
         single_connection_client=True,
     )
-    tail.auto_close_connection_pool = True  # as from_pool does: the pool is the tail's own
-    return client, tail, breaker
+    single.auto_close_connection_pool = True  # as from_pool does: the pool is its own
+    return single

@@ -37,7 +37,7 @@ from .drain import Drain
 from .metrics import Metrics
 from .plans import PlansHolder
 from .records import MemoryRecordStore, RecordStore, RedisRecordStore
-from .redis_client import Breaker, redis_clients
+from .redis_client import Breaker, blocking_client, redis_clients
 from .services import Services
 from .settings import Settings
 
@@ -116,7 +116,14 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
             max_duration_s=duration,
             max_events=settings.max_stream_events,
         )
-        queue = RedisJobQueue(client, blocking=tail, prefix=settings.redis_prefix)
+        claims = blocking_client(
+            settings.redis_url,
+            breaker,
+            connect_timeout_s=settings.redis_timeout_s,
+            pool_timeout_s=settings.redis_timeout_s,
+        )
+        stack.push_async_callback(claims.aclose)
+        queue = RedisJobQueue(client, blocking=claims, prefix=settings.redis_prefix)
         limiter = RedisLimiter(client, prefix=settings.redis_prefix, lease_ttl_ms=lease_ms)
         records = RedisRecordStore(
             client,

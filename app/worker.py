@@ -77,13 +77,15 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def others(self) -> int:
-        """Other workers alive now (that could take this one's generations over)."""
+        """Other workers alive now, that could take this one's generations over. This one
+        leaves the count first (it no longer beats once it stops claiming): workers
+        draining together never count on each other."""
         try:
-            alive = await self.queue.consumers(self.lease_s)
+            await self.queue.retire(self.consumer)
+            return await self.queue.consumers(self.lease_s)
         except QueueError as exc:
             logger.warning("cannot count workers: %s", exc)
             return 0
-        return max(0, alive - 1)
 
     async def hand_over(self) -> None:
         """Stop every generation here without ending it and release its job, so that
@@ -108,6 +110,13 @@ class Worker:
                 logger.warning("cannot claim jobs: %s", exc)
                 await asyncio.sleep(self.tick_s)
                 continue
+            except Exception:  # the loop must outlive any one bad reply
+                logger.exception("cannot claim jobs")
+                await asyncio.sleep(self.tick_s)
+                continue
+            if not self._claiming:  # claimed as the drain began: for another worker
+                await self.queue.release(self.consumer, jobs)
+                break
             now = time.time()
             for job in jobs:
                 self.services.metrics.queue_wait.observe(max(0.0, now - job.enqueued_at))
@@ -118,7 +127,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                await self.queue.keep(self.consumer, list(self._jobs.values()))
+                await self.queue.keep(self.consumer, list(self._jobs.values()), beat=self._claiming)
                 free = self.concurrency - len(self._jobs) - self._starting
                 if self._claiming and free > 0:
                     for job in await self.queue.reclaim(self.consumer, self.lease_s, free):
@@ -151,11 +160,6 @@ class Worker:
             return
         log = services.log
         epoch = await log.take(info.id, self.lease_s)
-        for _ in range(10):  # its creation and its job were sent at once: let it land
-            if epoch != -2:
-                break
-            await asyncio.sleep(0.02)
-            epoch = await log.take(info.id, self.lease_s)
         if epoch in (0, -2):  # ended, or gone (expired, or never created)
             await self.queue.ack(job)
             return
@@ -199,6 +203,10 @@ class Worker:
             self._slot.set()
             if how == "finished":
                 await self.queue.ack(job)
+            elif how == "unrecorded":
+                # Its end is in the log but not recorded: the job stays, and whoever
+                # takes it over after the lease records the end from the log.
+                pass
             else:
                 services.accounting.forget(info.id)
                 services.metrics.streams_active.labels("streams").dec()

@@ -27,8 +27,9 @@ logger = logging.getLogger("sserelay.streams")
 
 OnFinish = Callable[[StreamInfo, Generation], Awaitable[None]]
 OnEnd = Callable[[str], Awaitable[None]]
-"""Called once a stream is over here: `finished` (its end written), `handover` (left
-for another process on drain) or `fenced` (another process took it over)."""
+"""Called once a stream is over here: `finished` (its end written and recorded),
+`unrecorded` (its end is in the log, but recording it failed), `handover` (left for
+another process on drain) or `fenced` (another process took it over)."""
 
 StopReason = Literal["cancelled", "orphaned", "shutdown", "finishing", "fenced", "handover"]
 
@@ -172,6 +173,7 @@ class StreamManager:
         await writer.close()
         reason = self._reasons.get(info.id)
         finished = reason not in ("fenced", "handover")
+        recorded = True
         if reason == "handover" and isinstance(writer.error, StreamFenced):
             finished = False
         try:
@@ -184,6 +186,7 @@ class StreamManager:
             finished = False
         except StreamingError as exc:
             logger.error("stream %s: cannot record its end: %s", info.id, exc)
+            recorded = False
         if not finished:
             logger.info(
                 "stream %s: %s",
@@ -199,7 +202,9 @@ class StreamManager:
             except Exception:
                 logger.exception("stream %s: finish hook failed", info.id)
         if on_end is not None:
-            how = "finished" if finished else "handover" if reason == "handover" else "fenced"
+            how = "handover" if reason == "handover" else "fenced"
+            if finished:
+                how = "finished" if recorded else "unrecorded"
             try:
                 await on_end(how)
             except Exception:

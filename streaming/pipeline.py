@@ -451,10 +451,12 @@ class Generation:
     def _on_attempt(self, attempt: Attempt) -> dict[str, Any] | None:
         target = self.targets[attempt.target]
         used_in, used_out = self.meter.next_attempt(target.pricing, attempt.input_estimate)
-        self.attempts[-1].update(input_tokens=used_in, output_tokens=used_out)
-        self.attempts.append(
-            {"model": target.model, "provider": target.provider.name, "reason": attempt.reason}
-        )
+        entry = {"model": target.model, "provider": target.provider.name, "reason": attempt.reason}
+        if attempt.number == 1:  # this process's first attempt, continuing a takeover
+            self.attempts[-1] = entry
+        else:
+            self.attempts[-1].update(input_tokens=used_in, output_tokens=used_out)
+            self.attempts.append(entry)
         if not attempt.continued:
             return None
         if self.observer is not None:

@@ -200,14 +200,14 @@ async def pump(
         request = current.request
         trim = ""
         if answer.parts:
+            left = request.max_tokens - answer.tokens
+            if left <= 0:  # the answer has all the tokens it may have
+                put(Stop("max_tokens"))
+                return
             so_far = answer.text()
             prefill = so_far.rstrip()
             trim = so_far[len(prefill) :]
-            request = dataclasses.replace(
-                request,
-                prefill=prefill,
-                max_tokens=max(1, request.max_tokens - answer.tokens),
-            )
+            request = dataclasses.replace(request, prefill=prefill, max_tokens=left)
         if number > 1 or reason:
             put(
                 Attempt(

@@ -94,20 +94,16 @@ async def create_stream(request: Request) -> Response:
     stream_id = info.id
     reservation = started.decision.reservation if started.decision is not None else None
     try:
-        payload = encode_job(info, started.request)
-        # Both at once, one round trip of wall time: a worker that gets the job before
-        # the stream exists waits for it (`take` says "not yet"); a stream whose job
-        # could not be queued is ended at once, so no reader waits for it.
-        created, queued = await asyncio.gather(
-            services.manager.create(info),
-            services.queue.submit(stream_id, payload, now=time.time()),
-            return_exceptions=True,
-        )
-        if isinstance(created, BaseException):
-            raise created
-        if isinstance(queued, BaseException):
+        # The stream first, then its job: a worker never finds a job without its stream
+        # (with Redis Cluster they are on different nodes; one pipeline cannot hold both).
+        await services.manager.create(info)
+        try:
+            payload = encode_job(info, started.request)
+            await services.queue.submit(stream_id, payload, now=time.time())
+        except BaseException:
+            # Nobody will generate it: end it, so no reader waits for it.
             await asyncio.shield(services.log.finish(stream_id, "error", epoch=0))
-            raise queued
+            raise
     except BaseException:  # cancelled too: a reservation must never outlive its request
         if reservation is not None:  # nothing was used
             await asyncio.shield(services.accounting.refund(stream_id, reservation))

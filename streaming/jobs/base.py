@@ -47,8 +47,13 @@ class JobQueue(abc.ABC):
         (or released), now claimed by `consumer`."""
 
     @abc.abstractmethod
-    async def keep(self, consumer: str, jobs: Sequence[Job]) -> None:
-        """These jobs are still being worked on by `consumer`: reset their idle time."""
+    async def keep(self, consumer: str, jobs: Sequence[Job], *, beat: bool = True) -> None:
+        """These jobs are still being worked on by `consumer`: reset their idle time.
+        `beat`: `consumer` also counts as a live worker, one that takes jobs over."""
+
+    @abc.abstractmethod
+    async def retire(self, consumer: str) -> None:
+        """`consumer` takes no more jobs (it drains): it no longer counts as alive."""
 
     @abc.abstractmethod
     async def release(self, consumer: str, jobs: Sequence[Job]) -> None:

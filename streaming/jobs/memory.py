@@ -55,12 +55,16 @@ class MemoryJobQueue(JobQueue):
                 jobs.append(job)
         return jobs
 
-    async def keep(self, consumer: str, jobs: Sequence[Job]) -> None:
+    async def keep(self, consumer: str, jobs: Sequence[Job], *, beat: bool = True) -> None:
         now = self._clock()
-        self._seen[consumer] = now
+        if beat:
+            self._seen[consumer] = now
         for job in jobs:
             if job.id in self._claimed:
                 self._claimed[job.id] = (consumer, now, job)
+
+    async def retire(self, consumer: str) -> None:
+        self._seen.pop(consumer, None)
 
     async def release(self, consumer: str, jobs: Sequence[Job]) -> None:
         for job in jobs:

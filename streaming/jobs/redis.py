@@ -15,6 +15,7 @@ next XAUTOCLAIM of another worker instead of after the lease.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .base import Job, JobQueue, QueueError
+
+logger = logging.getLogger("sserelay.queue")
 
 _GROUP = "workers"
 _RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000
@@ -76,23 +79,62 @@ class RedisJobQueue(JobQueue):
             raise QueueError(f"cannot claim jobs: {exc}") from exc
         except RedisError as exc:
             raise QueueError(f"cannot claim jobs: {exc}") from exc
-        return [_job(entry) for entry in reply[0][1]] if reply else []
+        if not reply:
+            return []
+        try:
+            return await self._jobs(reply[0][1])
+        except RedisError as exc:
+            raise QueueError(f"cannot claim jobs: {exc}") from exc
 
     async def reclaim(self, consumer: str, idle_s: float, count: int) -> list[Job]:
+        """Scans the whole pending list (XAUTOCLAIM looks at ten entries per job asked
+        for, then returns a cursor): idle jobs behind many live ones are found too."""
+        jobs: list[Job] = []
+        cursor: Any = "0-0"
         try:
             await self._group()
-            reply: Any = await self._r.xautoclaim(
-                self._key, _GROUP, consumer, int(idle_s * 1000), "0-0", count=count
-            )
+            for _ in range(1000):
+                reply: Any = await self._r.xautoclaim(
+                    self._key,
+                    _GROUP,
+                    consumer,
+                    int(idle_s * 1000),
+                    cursor,
+                    count=count - len(jobs),
+                )
+                jobs += await self._jobs(reply[1])
+                cursor = reply[0]
+                if len(jobs) >= count or cursor in (b"0-0", "0-0"):
+                    break
         except RedisError as exc:
             raise QueueError(f"cannot reclaim jobs: {exc}") from exc
-        # Entries deleted meanwhile come back as None (and in the third element).
-        return [_job(entry) for entry in reply[1] if entry and entry[1]]
+        return jobs
 
-    async def keep(self, consumer: str, jobs: Sequence[Job]) -> None:
+    async def _jobs(self, entries: Any) -> list[Job]:
+        """The jobs among `entries`; entries deleted meanwhile (None) are skipped, and
+        an entry this version cannot read is dropped (logged) rather than claimed
+        again and again."""
+        jobs = []
+        for entry in entries:
+            if not entry or not entry[1]:
+                continue
+            try:
+                jobs.append(_job(entry))
+            except (KeyError, ValueError, UnicodeDecodeError):
+                logger.error("job %s is unreadable; dropped", _text(entry[0]))
+                async with self._r.pipeline(transaction=True) as pipe:
+                    pipe.xack(self._key, _GROUP, entry[0])
+                    pipe.xdel(self._key, entry[0])
+                    await pipe.execute()
+        return jobs
+
+    async def keep(self, consumer: str, jobs: Sequence[Job], *, beat: bool = True) -> None:
+        if not jobs and not beat:
+            return
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.zadd(self._beats, {consumer: int(time.time() * 1000)})
+                if beat:
+                    pipe.zadd(self._beats, {consumer: int(time.time() * 1000)})
                 if jobs:
                     pipe.xclaim(
                         self._key, _GROUP, consumer, 0, [job.id for job in jobs], justid=True
@@ -100,6 +142,12 @@ class RedisJobQueue(JobQueue):
                 await pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot keep jobs: {exc}") from exc
+
+    async def retire(self, consumer: str) -> None:
+        try:
+            await self._r.zrem(self._beats, consumer)
+        except RedisError as exc:
+            raise QueueError(f"cannot leave the queue: {exc}") from exc
 
     async def release(self, consumer: str, jobs: Sequence[Job]) -> None:
         if not jobs:

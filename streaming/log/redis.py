@@ -105,9 +105,11 @@ class RedisStreamLog(StreamLog):
             epoch = int(await self._take(keys=keys, args=[int(lease_s * 1000)]))
         except RedisError as exc:
             raise StreamLogError(f"cannot take stream over: {exc}") from exc
-        if epoch > 0:
-            local = self._local.setdefault(stream_id, _Local())
-            local.last_id = 0  # readers here re-read what others wrote before
+        if epoch == 1:
+            # Nothing is written yet: readers here can wait on this process's appends.
+            # (After a takeover they keep reading from Redis, which has what the
+            # previous owners wrote.)
+            self._local.setdefault(stream_id, _Local())
         return epoch
 
     async def release(self, stream_id: str, epoch: int) -> None:

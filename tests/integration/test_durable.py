@@ -212,6 +212,31 @@ async def test_a_drained_worker_hands_its_streams_over(
                 process.stop()
 
 
+async def test_workers_drained_together_end_their_streams_instead_of_waiting(
+    tmp_path: Path, upstream: Any, redis_url: str, client: httpx.AsyncClient
+) -> None:
+    """Every worker drained at once (scaled to zero): none counts on another to take
+    its streams over, so each ends them with a retryable `shutdown` error rather than
+    leaving readers waiting for a worker that will never come."""
+    env = _env(tmp_path, upstream, redis_url)
+    api = ServerProcess(env, ["--api-only"])
+    workers = [ServerProcess(env, executable=WORKER) for _ in range(2)]
+    try:
+        streams = await _start(client, api, 6, 200, f"down-{uuid.uuid4().hex[:6]}")
+        await asyncio.sleep(1.0)
+        for worker in workers:
+            worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*(r.task for _, r in streams)), 15)
+        for _, reader in streams:
+            end = reader.events[-1][1]
+            assert end.event == "error" and end.data["code"] == "shutdown", end
+            assert end.data["retryable"] is True
+    finally:
+        api.stop()
+        for worker in workers:
+            worker.stop()
+
+
 async def test_chaos_workers_killed_and_restarted_every_3s(
     tmp_path: Path, upstream: Any, redis_url: str
 ) -> None:

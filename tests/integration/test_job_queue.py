@@ -82,3 +82,27 @@ async def test_counts_the_consumers_active_lately(queue: JobQueue) -> None:
     await asyncio.sleep(0.3)
     await queue.keep("a", [])  # a worker beats every tick, busy or not
     assert await queue.consumers(0.2) == 1
+
+
+async def test_idle_jobs_behind_many_live_ones_are_found(queue: JobQueue) -> None:
+    """XAUTOCLAIM looks at ten pending entries per job asked for: the scan goes on from
+    its cursor, or a dead worker's jobs behind a busy one's would never be taken over."""
+    for i in range(25):
+        await queue.submit(f"live{i}", b"x", now=time.time())
+    live = await queue.claim("busy", 25, block_s=0.1)
+    for i in range(5):
+        await queue.submit(f"dead{i}", b"x", now=time.time())
+    await queue.claim("dead", 5, block_s=0.1)
+    await asyncio.sleep(0.35)
+    await queue.keep("busy", live)
+    taken = await queue.reclaim("spare", 0.3, 2)
+    assert [j.stream_id for j in taken] == ["dead0", "dead1"]
+
+
+async def test_a_retired_worker_no_longer_counts(queue: JobQueue) -> None:
+    await queue.keep("a", [])
+    await queue.keep("b", [])
+    assert await queue.consumers(5) == 2
+    await queue.retire("a")
+    await queue.keep("a", [], beat=False)  # draining: keeps its jobs, does not beat
+    assert await queue.consumers(5) == 1
