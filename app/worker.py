@@ -27,6 +27,7 @@ from ratelimit import Reservation
 from streaming import Event, EventEncoder, Job, QueueError, Resume, StreamInfo, StreamingError
 from streaming.manager import logged_outcome, resume_point, terminal_outcome
 
+from .errors import ProblemError
 from .generation import build_generation
 from .jobs import decode_job
 from .services import Services
@@ -190,9 +191,17 @@ class Worker:
                 len(events),
             )
         if resume is not None and epoch > self.max_takeovers + 1:
-            await self._give_up(info, job, epoch, resume)
+            await self._give_up(
+                info, job, epoch, resume, "the stream was taken over too many times; retry"
+            )
             return
-        generation = build_generation(services, info, request, resume)
+        try:
+            generation = build_generation(services, info, request, resume)
+        except ProblemError as exc:  # e.g. a model this worker's config does not have
+            logger.error("stream %s: cannot run it here: %s", info.id, exc.detail)
+            where = resume or resume_point(info, [], time.time())
+            await self._give_up(info, job, epoch, where, exc.detail, code=exc.code)
+            return
         if info.billing:
             services.accounting.hold(info.id, Reservation.from_json(info.billing))
         self._jobs[info.id] = job
@@ -217,17 +226,27 @@ class Worker:
 
         services.manager.run(info, generation, epoch=epoch, on_end=ended)
 
-    async def _give_up(self, info: StreamInfo, job: Job, epoch: int, resume: Resume) -> None:
-        """A stream taken over too many times (each of its workers died on it): end it
-        with a retryable error, billed for what its log shows."""
+    async def _give_up(
+        self,
+        info: StreamInfo,
+        job: Job,
+        epoch: int,
+        resume: Resume,
+        message: str,
+        *,
+        code: str = "stream_lost",
+    ) -> None:
+        """End a stream this worker cannot run (taken over too many times: each of its
+        workers died on it; or not runnable here) with an error, billed for what its
+        log shows."""
         services = self.services
-        outcome = logged_outcome(info, resume, "stream_lost")
+        outcome = logged_outcome(info, resume, code)
         end = EventEncoder(resume.last_id)(
             "error",
             {
-                "code": "stream_lost",
-                "message": "the stream was taken over too many times; retry",
-                "retryable": True,
+                "code": code,
+                "message": message,
+                "retryable": code == "stream_lost",
                 "usage": {
                     "input_tokens": outcome.input_tokens,
                     "output_tokens": outcome.output_tokens,
@@ -235,8 +254,8 @@ class Worker:
                 "cost_usd": outcome.cost_usd,
             },
         )
+        outcome.status = "lost" if code == "stream_lost" else "error"
         await services.log.append(info.id, [end], epoch=epoch)
-        await services.log.finish(info.id, "lost", epoch=epoch)
-        outcome.status = "lost"
+        await services.log.finish(info.id, outcome.status, epoch=epoch)
         await services.accounting.stream_lost(info, outcome)
         await self.queue.ack(job)
