@@ -4,6 +4,7 @@ real HTTP (which continues like Claude / vLLM do) and with the simulator."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -104,7 +105,12 @@ async def test_anthropic_streams_exactly_what_follows_the_prefill(
     (record,) = upstream.app.records
     assert record.prefill == prefill
     assert record.body["messages"][-1] == {"role": "assistant", "content": prefill}
-    assert record.tokens_sent == deltas(chunks) and record.completed
+    assert record.tokens_sent == deltas(chunks)
+    for _ in range(100):  # set by the server just after its last write reached us
+        if record.completed:
+            break
+        await asyncio.sleep(0.01)
+    assert record.completed
     # Billed as prompt plus prefill.
     assert input_tokens(chunks) == count_input_tokens(record.body)
 
