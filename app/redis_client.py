@@ -393,12 +393,7 @@ def redis_clients(
         # The longest a probe can take when Redis is fine: connect, handshake, reply.
         probe_timeout_s=connect_timeout_s + 2 * command_timeout_s,
     )
-    common: dict[str, Any] = {
-        "breaker": breaker,
-        "timeout": pool_timeout_s,
-        "socket_connect_timeout": connect_timeout_s,
-        "retry": Retry(NoBackoff(), 0),
-    }
+    common = _pool_options(breaker, connect_timeout_s, pool_timeout_s)
     client = Redis.from_pool(  # from_pool: closing the client closes the pool
         BreakerConnectionPool.from_url(
             url, max_connections=max_connections, socket_timeout=command_timeout_s, **common
@@ -418,13 +413,20 @@ def blocking_client(
     """One more dedicated connection for a blocking command (the job queue's
     XREADGROUP), sharing `breaker`: a blocking command on the tail's connection would
     hold every reader of the stream log behind it."""
-    common: dict[str, Any] = {
+    return _single(url, block_s + 2.0, _pool_options(breaker, connect_timeout_s, pool_timeout_s))
+
+
+def _pool_options(
+    breaker: Breaker, connect_timeout_s: float, pool_timeout_s: float
+) -> dict[str, Any]:
+    """What every pool shares: the breaker, the timeouts, and no retries (a retry would
+    double a hung command's cost; the breaker decides)."""
+    return {
         "breaker": breaker,
         "timeout": pool_timeout_s,
         "socket_connect_timeout": connect_timeout_s,
         "retry": Retry(NoBackoff(), 0),
     }
-    return _single(url, block_s + 2.0, common)
 
 
 def _single(url: str, timeout_s: float, common: dict[str, Any]) -> Redis:
