@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from streaming import (
     Event,
+    StreamFenced,
     StreamInfo,
     StreamingError,
     StreamNotFound,
@@ -100,10 +101,18 @@ async def create_stream(request: Request) -> Response:
         try:
             payload = encode_job(info, started.request)
             await services.queue.submit(stream_id, payload, now=time.time())
-        except BaseException:
-            # Nobody will generate it: end it, so no reader waits for it.
-            await asyncio.shield(services.log.finish(stream_id, "error", epoch=0))
-            raise
+        except BaseException as exc:
+            # Nobody will generate it: end it, so no reader waits for it. Unless the job
+            # did land (a timeout after Redis applied it) and a worker took the stream:
+            # then it runs, and this request answers as if nothing had happened.
+            try:
+                await asyncio.shield(services.log.finish(stream_id, "error", epoch=0))
+            except StreamFenced:
+                queued = True
+            else:
+                queued = False
+            if not queued or not isinstance(exc, Exception):
+                raise
     except BaseException:  # cancelled too: a reservation must never outlive its request
         if reservation is not None:  # nothing was used
             await asyncio.shield(services.accounting.refund(stream_id, reservation))

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
-from streaming import GenerationRequest, Message, simulated_text
-from testkit.servers import ServerProcess
-from testkit.sse import SSEEvent, sse_events
-from tests.support import SECRET, auth, write_config
+from streaming import GenerationRequest, Message, QueueError, simulated_text
+from testkit.servers import ServerProcess, ServerThread
+from testkit.sse import SSEEvent, collect, sse_events
+from tests.support import SECRET, auth, relay_settings, write_config
 
 pytestmark = pytest.mark.redis
 
@@ -268,3 +268,39 @@ async def test_chaos_workers_killed_and_restarted_every_3s(
         api.stop()
         for worker in workers:
             worker.stop()
+
+
+class _LandsThenTimesOut:
+    """A queue whose submit lands, then reports a timeout (as when Redis applied the XADD
+    but its reply was late): everything else is the real queue's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def submit(self, stream_id: str, payload: bytes, *, now: float) -> None:
+        await self.inner.submit(stream_id, payload, now=now)
+        await asyncio.sleep(0.3)  # a worker claims it and takes the stream meanwhile
+        raise QueueError("timed out")
+
+
+async def test_a_job_that_landed_despite_a_timeout_is_not_ended_under_its_worker(
+    config_path: Path, client: httpx.AsyncClient
+) -> None:
+    relay = ServerThread(relay_settings(config_path))
+    try:
+        services = relay.services
+        object.__setattr__(services, "queue", _LandsThenTimesOut(services.queue))
+        body = {"model": "sim-fast", "prompt": "landed", "max_tokens": 10}
+        r = await client.post(relay.url + "/v1/streams", json=body, headers=auth())
+        assert r.status_code == 201, r.text
+        async with client.stream("GET", relay.url + r.json()["events_url"]) as response:
+            events = await collect(response)
+        assert events.names[-1] == "done"
+        assert events.text == simulated_text(
+            GenerationRequest("sim-fast", (Message("user", "landed"),), 10), 10
+        )
+    finally:
+        relay.stop()
