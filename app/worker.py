@@ -55,6 +55,7 @@ class Worker:
         self._starting = 0
         self._slot = asyncio.Event()
         self._claiming = True
+        self._retiring: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -68,8 +69,18 @@ class Worker:
         ]
 
     def stop_claiming(self) -> None:
-        self._claiming = False
+        """Take no more jobs, and leave the count of live workers at once: a worker
+        draining must not be counted on to take another's generations over."""
+        if self._claiming:
+            self._claiming = False
+            self._retiring = asyncio.ensure_future(self._retire())
         self._slot.set()
+
+    async def _retire(self) -> None:
+        try:
+            await self.queue.retire(self.consumer)
+        except QueueError as exc:
+            logger.warning("cannot leave the queue: %s", exc)
 
     async def aclose(self) -> None:
         self.stop_claiming()
@@ -79,9 +90,13 @@ class Worker:
 
     async def others(self) -> int:
         """Other workers alive now, that could take this one's generations over. This one
-        leaves the count first (it no longer beats once it stops claiming): workers
-        draining together never count on each other."""
+        left the count when it stopped claiming (at the signal, not at the deadline):
+        workers drained together never count on each other."""
+        self.stop_claiming()
+        if self._retiring is not None:
+            await self._retiring
         try:
+            # Once more: a beat that was on its way when the drain began has landed.
             await self.queue.retire(self.consumer)
             return await self.queue.consumers(self.lease_s)
         except QueueError as exc:
