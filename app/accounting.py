@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ratelimit import NANO_USD, Limiter, LimiterUnavailable, Reservation
@@ -43,6 +43,11 @@ class StreamAccounting:
         self.records_content = records_content
         self.reservations: dict[str, Reservation] = {}
         """Admissions of the streams running in this process, by stream id, until settled."""
+        self.queued: dict[str, Reservation] = {}
+        """Admissions of streams this process queued, until a worker holds them: their
+        concurrency leases must outlive a wait in the queue."""
+        self.still_waiting: Callable[[list[str]], Awaitable[set[str]]] | None = None
+        """Which of the queued streams no worker has taken yet (the stream log's)."""
 
     def hold(self, stream_id: str, reservation: Reservation) -> None:
         self.reservations[stream_id] = reservation
@@ -78,13 +83,32 @@ class StreamAccounting:
             logger.error("stream %s: cannot settle usage: %s", stream_id, exc)
             return True
 
+    def hold_queued(self, stream_id: str, reservation: Reservation) -> None:
+        self.queued[stream_id] = reservation
+
+    async def _taken(self) -> None:
+        """Stop renewing queued streams a worker has taken (it renews them now), or that
+        ended. (Renewing a settled reservation would change nothing: its lease is gone,
+        and a renewal never brings one back.)"""
+        if not self.queued or self.still_waiting is None:
+            return
+        try:
+            waiting = await self.still_waiting(list(self.queued))
+        except StreamingError as exc:
+            logger.warning("cannot check queued streams: %s", exc)
+            return  # keep renewing them: the safe side
+        for stream_id in list(self.queued):
+            if stream_id not in waiting:
+                del self.queued[stream_id]
+
     async def keep_leases(self) -> None:
-        """Renew the concurrency leases of running streams until cancelled."""
+        """Renew the concurrency leases of running and queued streams until cancelled."""
         interval = self.limiter.lease_ttl_ms / 3000
         while True:
             await asyncio.sleep(interval)
+            await self._taken()
             try:
-                await self.limiter.renew(list(self.reservations.values()))
+                await self.limiter.renew([*self.reservations.values(), *self.queued.values()])
             except LimiterUnavailable as exc:
                 self.metrics.limiter_errors.inc()
                 logger.warning("cannot renew concurrency leases: %s", exc)

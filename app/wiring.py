@@ -156,6 +156,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         records_content=settings.records_content,
     )
 
+    accounting.still_waiting = log.waiting
     manager = StreamManager(
         log,
         orphan_grace_s=settings.orphan_grace_s,

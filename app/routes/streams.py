@@ -117,6 +117,8 @@ async def create_stream(request: Request) -> Response:
         if reservation is not None:  # nothing was used
             await asyncio.shield(services.accounting.refund(stream_id, reservation))
         raise
+    if reservation is not None:  # its lease lives on while it waits for a worker
+        services.accounting.hold_queued(stream_id, reservation)
     services.metrics.stream_started("streams", info.plan, info.model, active=False)
     ticket, expires = services.tickets.issue(stream_id, info.owner, info.plan)
     return JSONResponse(

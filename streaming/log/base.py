@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +131,12 @@ class StreamLog(abc.ABC):
         owner holds it, -2 if there is no such stream (not yet, or no longer). Every
         later write of the caller carries the epoch and is refused once another process
         took the stream over."""
+
+    @abc.abstractmethod
+    async def waiting(self, stream_ids: Collection[str]) -> set[str]:
+        """Those of `stream_ids` that still wait for their first owner (running, never
+        taken): their process of admission keeps their rate-limit leases alive until
+        a worker holds them."""
 
     @abc.abstractmethod
     async def release(self, stream_id: str, epoch: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 from .._exceptions import StreamFenced
@@ -92,6 +92,14 @@ class MemoryStreamLog(StreamLog):
         entry.epoch += 1
         entry.lease_until = now + lease_s
         return entry.epoch
+
+    async def waiting(self, stream_ids: Collection[str]) -> set[str]:
+        found = set()
+        for stream_id in stream_ids:
+            entry = self._get(stream_id)
+            if entry is not None and entry.info.status == "running" and entry.epoch == 0:
+                found.add(stream_id)
+        return found
 
     async def release(self, stream_id: str, epoch: int) -> None:
         entry = self._get(stream_id)

@@ -24,7 +24,7 @@ Redis has confirmed it: it waits on no Redis command at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -111,6 +111,23 @@ class RedisStreamLog(StreamLog):
             # previous owners wrote.)
             self._local.setdefault(stream_id, _Local())
         return epoch
+
+    async def waiting(self, stream_ids: Collection[str]) -> set[str]:
+        ids = list(stream_ids)
+        if not ids:
+            return set()
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for stream_id in ids:
+                    pipe.hmget(self._key(stream_id, "m"), "status", "epoch")
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise StreamLogError(f"cannot read streams: {exc}") from exc
+        return {
+            stream_id
+            for stream_id, (status, epoch) in zip(ids, replies, strict=True)
+            if status == b"running" and epoch == b"0"
+        }
 
     async def release(self, stream_id: str, epoch: int) -> None:
         keys = [self._key(stream_id, "ls"), self._key(stream_id, "m")]

@@ -354,3 +354,30 @@ async def test_a_request_the_provider_accepted_bills_its_prompt_even_without_tex
         await asyncio.sleep(0.5)
     counted = len(prompt) // 4  # the fake provider's count
     await _settled(client, limited, headers, counted)
+
+
+async def test_a_stream_waiting_in_the_queue_keeps_its_concurrency_slot(
+    tmp_path: Path, upstream: Any, client: httpx.AsyncClient
+) -> None:
+    """A stream queued behind a busy worker for longer than the concurrency lease still
+    holds its slot: the process that admitted it renews the lease until a worker does."""
+    config = write_config(
+        tmp_path, upstream.url, extra_plans={"two": {"concurrent_streams": 2}}, name="two"
+    )
+    relay = ServerThread(
+        relay_settings(config, worker_concurrency=1, concurrency_lease_s=3, orphan_grace_s=30)
+    )
+    try:
+        headers = auth(f"queued-{uuid.uuid4().hex[:6]}", "two")
+        body = {"model": "sim-slow", "prompt": "hold the only worker", "max_tokens": 200}
+        running = await client.post(relay.url + "/v1/streams", json=body, headers=headers)
+        queued = await client.post(relay.url + "/v1/streams", json=body, headers=headers)
+        assert running.status_code == queued.status_code == 201
+        await asyncio.sleep(5)  # past the 3 s lease: the second is still in the queue
+        third = await client.post(relay.url + "/v1/streams", json=body, headers=headers)
+        assert third.status_code == 429, third.text
+        assert third.json()["violated"] == ["concurrent_streams"]
+        for created in (running, queued):
+            await client.delete(relay.url + created.json()["status_url"], headers=headers)
+    finally:
+        relay.stop()

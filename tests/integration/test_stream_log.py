@@ -49,6 +49,9 @@ class TwoProcesses(StreamLog):
     async def release(self, stream_id: str, epoch: int) -> None:
         await self.writer.release(stream_id, epoch)
 
+    async def waiting(self, stream_ids: Any) -> set[str]:
+        return await self.reader.waiting(stream_ids)
+
     async def info(self, stream_id: str) -> StreamInfo | None:
         return await self.reader.info(stream_id)
 
@@ -264,6 +267,18 @@ async def test_a_reader_joining_later_is_not_held_behind_another(log: StreamLog)
     assert not waiting.done()  # `late` was woken by its event, not by a timeout
     await log.append(quiet.id, _events(1))
     assert len(await waiting) == 1
+
+
+async def test_waiting_lists_the_streams_no_owner_has_taken_yet(log: StreamLog) -> None:
+    queued, taken, ended = _info(), _info(), _info()
+    for info in (queued, taken, ended):
+        await log.create(info, reader_grace_s=5)
+    await log.take(taken.id, 5)
+    await log.take(ended.id, 5)
+    await log.finish(ended.id, "done", epoch=1)
+    ids = [queued.id, taken.id, ended.id, "missing"]
+    assert await log.waiting(ids) == {queued.id}
+    assert await log.waiting([]) == set()
 
 
 async def test_one_owner_at_a_time_and_a_taken_over_owner_cannot_write(log: StreamLog) -> None:
