@@ -58,10 +58,6 @@ class Worker:
         self._retiring: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    @property
-    def active(self) -> int:
-        return len(self._jobs)
-
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="worker-claim"),
@@ -227,17 +223,18 @@ class Worker:
             self._slot.set()
             if how == "finished":
                 await self.queue.ack(job)
-            elif how == "unrecorded":
-                # Its end is in the log but not recorded: the job stays, and whoever
-                # takes it over after the lease records the end from the log.
-                pass
+                return
+            if how == "unrecorded":
+                # Settled and counted, but its end is not recorded: the job stays, and
+                # whoever takes it over after the lease records the end from the log.
+                return
+            # Left to another worker, unsettled: whoever ends it settles and counts it.
+            services.accounting.forget(info.id)
+            services.metrics.streams_active.labels("streams").dec()
+            if how == "fenced":
+                services.metrics.fenced.inc()
             else:
-                services.accounting.forget(info.id)
-                services.metrics.streams_active.labels("streams").dec()
-                if how == "fenced":
-                    services.metrics.fenced.inc()
-                if how == "handover":
-                    await self.queue.release(self.consumer, [job])
+                await self.queue.release(self.consumer, [job])
 
         services.manager.run(info, generation, epoch=epoch, on_end=ended)
 

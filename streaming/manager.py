@@ -67,9 +67,6 @@ class StreamManager:
     def active(self) -> int:
         return len(self._running)
 
-    def running(self) -> list[str]:
-        return list(self._running)
-
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise(), name="stream-supervisor")
 

@@ -171,14 +171,16 @@ async def pump(
     """
     targets = (target, *fallbacks)
     plan = _plan(targets, policy.max_attempts)
-    answer = _Answer(text, output_tokens)
+    # The text is kept only if some target could continue it: otherwise a stream holds
+    # no copy of its answer, and relaying a token costs no more than it did.
+    answer = _Answer(text, output_tokens, keep=any(t.prefill for t in targets))
     reason = "takeover" if text else ""
     error: UpstreamError | None = None
     tries = 0  # attempts of the current target
     number = 0
     step = 0
     while True:
-        if answer.parts:  # only a target that can continue may take over an answer
+        if answer.relayed:  # only a target that can continue may take over an answer
             while step < len(plan) and not targets[plan[step]].prefill:
                 step += 1
         if step >= len(plan):
@@ -199,7 +201,7 @@ async def pump(
         number += 1
         request = current.request
         trim = ""
-        if answer.parts:
+        if answer.relayed:
             left = request.max_tokens - answer.tokens
             if left <= 0:  # the answer has all the tokens it may have
                 put(Stop("max_tokens"))
@@ -217,7 +219,7 @@ async def pump(
                     provider=current.provider.name,
                     reason=reason,
                     input_estimate=estimate_tokens(request.prompt_chars()),
-                    continued=bool(answer.parts) or index != 0,
+                    continued=answer.relayed or index != 0,
                 )
             )
         error = await _attempt(
@@ -244,7 +246,7 @@ async def pump(
             current.provider.name,
             error.code,
             number,
-            ", continuing the answer" if answer.parts else "",
+            ", continuing the answer" if answer.relayed else "",
         )
         if on_retry is not None:
             on_retry(error, number)
@@ -254,13 +256,22 @@ async def pump(
 
 
 class _Answer:
-    """The text relayed so far (what a continuation must carry on from)."""
+    """What went out so far: whether any text did, its tokens, and (when some target
+    could continue it) the text itself."""
 
-    __slots__ = ("parts", "tokens")
+    __slots__ = ("parts", "tokens", "keep", "relayed")
 
-    def __init__(self, text: str, tokens: int) -> None:
+    def __init__(self, text: str, tokens: int, *, keep: bool) -> None:
         self.parts = [text] if text else []
         self.tokens = tokens
+        self.keep = keep
+        self.relayed = bool(text)
+
+    def add(self, text: str, tokens: int) -> None:
+        if self.keep:
+            self.parts.append(text)
+        self.tokens += tokens
+        self.relayed = True
 
     def text(self) -> str:
         if len(self.parts) > 1:
@@ -316,8 +327,7 @@ async def _attempt(
                 if carry:
                     chunk = TextDelta(chunk.text, chunk.tokens + carry)
                     carry = 0
-                answer.parts.append(chunk.text)
-                answer.tokens += chunk.tokens
+                answer.add(chunk.text, chunk.tokens)
             if started:
                 watchdog.active()
                 put(chunk)

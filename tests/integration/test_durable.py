@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from streaming import GenerationRequest, Message, QueueError, simulated_text
+from streaming import GenerationRequest, Message, QueueError, estimate_tokens, simulated_text
 from testkit.servers import ServerProcess, ServerThread
 from testkit.sse import SSEEvent, collect, sse_events
 from tests.support import SECRET, auth, relay_settings, write_config
@@ -108,6 +108,15 @@ async def _start(
     return started
 
 
+def _stop(*processes: ServerProcess | None) -> None:
+    """Stop every process a test started (resumed first, if a test left it paused)."""
+    for process in processes:
+        if process is not None:
+            if process.proc.poll() is None:
+                process.proc.send_signal(signal.SIGCONT)
+            process.stop()
+
+
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(
@@ -141,14 +150,19 @@ async def test_streams_of_a_killed_worker_are_taken_over_and_complete_exactly(
             # (the second time with the text so far as a prefill).
             usage = reader.events[-1][1].data["usage"]
             assert 57 <= usage["output_tokens"] <= 63
+            at = next(i for i, (_, e) in enumerate(reader.events) if e.event == "continued")
+            prefill = "".join(
+                e.data["text"] for _, e in reader.events[:at] if e.event == "delta"
+            ).rstrip()
+            assert usage["input_tokens"] == estimate_tokens(len(prompt)) + estimate_tokens(
+                len(prompt) + len(prefill)
+            )
             first = next(t for t, e in reader.events if t > killed_at and e.event == "delta")
             assert first - killed_at <= LEASE_S + 2
         assert _metric(spare.url, "sserelay_takeovers_total") == 20
         assert _metric(spare.url, 'sserelay_continuations_total{reason="takeover"}') == 20
     finally:
-        for process in (api, doomed, spare):
-            if process is not None:
-                process.stop()
+        _stop(api, doomed, spare)
 
 
 async def test_a_paused_owner_cannot_write_once_taken_over(
@@ -179,11 +193,7 @@ async def test_a_paused_owner_cannot_write_once_taken_over(
         await asyncio.sleep(0.5)  # the woken owner notices at its next renewal
         assert _metric(paused.url, "sserelay_fenced_writes_total") == 5
     finally:
-        for process in (api, paused, spare):
-            if process is not None:
-                if process.proc.poll() is None:
-                    process.proc.send_signal(signal.SIGCONT)
-                process.stop()
+        _stop(api, paused, spare)
 
 
 async def test_a_drained_worker_hands_its_streams_over(
@@ -207,9 +217,7 @@ async def test_a_drained_worker_hands_its_streams_over(
         output = drained.stop()
         assert "handing 10 generations over" in output, output
     finally:
-        for process in (api, drained, spare):
-            if process is not None:
-                process.stop()
+        _stop(api, drained, spare)
 
 
 async def test_workers_drained_together_end_their_streams_instead_of_waiting(
@@ -232,9 +240,7 @@ async def test_workers_drained_together_end_their_streams_instead_of_waiting(
             assert end.event == "error" and end.data["code"] == "shutdown", end
             assert end.data["retryable"] is True
     finally:
-        api.stop()
-        for worker in workers:
-            worker.stop()
+        _stop(api, *workers)
 
 
 async def test_chaos_workers_killed_and_restarted_every_3s(
@@ -265,9 +271,7 @@ async def test_chaos_workers_killed_and_restarted_every_3s(
             reader.check(_expected(prompt, 400))
     finally:
         await client.aclose()
-        api.stop()
-        for worker in workers:
-            worker.stop()
+        _stop(api, *workers)
 
 
 class _LandsThenTimesOut:
