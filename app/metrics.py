@@ -271,6 +271,12 @@ class Metrics:
             "Generations stopped because another worker had taken them over",
             registry=r,
         )
+        self.stepped_back = Counter(
+            "sserelay_generations_stepped_back",
+            "Generations stopped because their events could not be written (the store "
+            "failed or this process stalled); their next owner continues them",
+            registry=r,
+        )
         self.build = Gauge(
             "sserelay_build_info",
             "Version information",

@@ -228,13 +228,18 @@ class Worker:
                 # Settled and counted, but its end is not recorded: the job stays, and
                 # whoever takes it over after the lease records the end from the log.
                 return
-            # Left to another worker, unsettled: whoever ends it settles and counts it.
+            # Left to another owner, unsettled: whoever ends it settles and counts it.
             services.accounting.forget(info.id)
             services.metrics.streams_active.labels("streams").dec()
             if how == "fenced":
                 services.metrics.fenced.inc()
-            else:
+                return
+            if how == "unwritable":
+                services.metrics.stepped_back.inc()
+            try:  # for a takeover now rather than once the job's lease runs out
                 await self.queue.release(self.consumer, [job])
+            except QueueError as exc:
+                logger.warning("stream %s: cannot release its job: %s", info.id, exc)
 
         services.manager.run(info, generation, epoch=epoch, on_end=ended)
 

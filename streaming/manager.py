@@ -6,6 +6,13 @@ all its streams in a single store round trip and, from the same reply, cancels t
 someone asked to cancel (from any process) and those nobody has read for the grace
 period (nobody pays for tokens nobody will read), and stops at once, writing nothing,
 those another process took over (their fencing epoch moved on).
+
+A stream whose events cannot be written (the store failed, or this process was paused
+past its command timeouts) is stepped back from when a job backs it: nothing is ended or
+settled here, the lease and the job are given up (or expire), and whoever takes the job
+over next, possibly this very process, continues the answer from what the log holds.
+Ending it here instead would write an error no reader can see and settle a partial
+usage that the continuation's own settlement could no longer correct.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 from ._exceptions import StreamFenced, StreamingError, StreamLogError
@@ -29,17 +37,22 @@ OnFinish = Callable[[StreamInfo, Generation], Awaitable[None]]
 OnEnd = Callable[[str], Awaitable[None]]
 """Called once a stream is over here: `finished` (its end written and recorded),
 `unrecorded` (its end is in the log, but recording it failed), `handover` (left for
-another process on drain) or `fenced` (another process took it over)."""
+another process on drain), `unwritable` (left for another owner because its events
+could not be written) or `fenced` (another process took it over)."""
 
-StopReason = Literal["cancelled", "orphaned", "shutdown", "finishing", "fenced", "handover"]
+StopReason = Literal[
+    "cancelled", "orphaned", "shutdown", "finishing", "fenced", "handover", "unwritable"
+]
+_LEFT: tuple[StopReason, ...] = ("fenced", "handover", "unwritable")
+"""Stopped here without an end: another owner continues the stream."""
 
 _REASONS: dict[StopReason, tuple[str, bool, StreamStatus]] = {
     "cancelled": ("the stream was cancelled", False, "cancelled"),
     "orphaned": ("nobody was reading the stream", False, "orphaned"),
     "shutdown": ("the server is shutting down; retry", True, "shutdown"),
 }
-"""The reasons a stream stops here with a last word; the others (fenced, handover)
-leave it to another process, writing nothing."""
+"""The reasons a stream stops here with a last word; the others (`_LEFT`) leave it to
+another owner, writing nothing."""
 
 
 class StreamManager:
@@ -51,8 +64,10 @@ class StreamManager:
         lease_s: float = 10.0,
         tick_s: float = 1.0,
         on_finish: OnFinish | None = None,
+        finish_timeout_s: float = 10.0,
     ) -> None:
         self.log = log
+        self.finish_timeout_s = finish_timeout_s
         self.orphan_grace_s = orphan_grace_s
         self.lease_s = lease_s
         self.tick_s = tick_s
@@ -86,7 +101,11 @@ class StreamManager:
             self._stop(stream_id, reason)
         await cancel_and_wait(list(self._running.values()))
         if self._finishing:  # their usage settles before the stores close
-            await asyncio.wait(list(self._finishing))
+            # Bounded: a drain must end in time even if the store hangs; what is left
+            # unrecorded is ended from the log by whoever takes the job over.
+            _, late = await asyncio.wait(list(self._finishing), timeout=self.finish_timeout_s)
+            if late:
+                logger.error("%d streams still recording their end; leaving them", len(late))
 
     async def create(self, info: StreamInfo) -> None:
         """Register a stream for whoever will generate it; a reader counts as attached
@@ -132,12 +151,14 @@ class StreamManager:
     ) -> None:
         writer = LogWriter(self.log, info.id, epoch)
         try:
-            async for event in generation.events():
-                writer.add(event)
-                if writer.error is not None:
-                    if isinstance(writer.error, StreamFenced):
-                        raise writer.error
-                    raise StreamLogError("cannot append to the stream log")
+            # Closed on the way out, whatever the way: that closes the upstream call.
+            async with aclosing(generation.events()) as events:
+                async for event in events:
+                    writer.add(event)
+                    if writer.error is not None:
+                        if isinstance(writer.error, StreamFenced):
+                            raise writer.error
+                        raise StreamLogError("cannot append to the stream log")
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -151,9 +172,12 @@ class StreamManager:
         except StreamFenced:
             self._reasons[info.id] = "fenced"
         except StreamingError:
-            generation.abort(
-                "stream_log_unavailable", "the stream could not be stored", retryable=True
-            )
+            if on_end is not None:  # a job backs it: its next owner continues it
+                self._reasons[info.id] = "unwritable"
+            else:
+                generation.abort(
+                    "stream_log_unavailable", "the stream could not be stored", retryable=True
+                )
         finally:
             # From here on the stream is ending: a late cancel must not interrupt the
             # bookkeeping, or the finish hook would never run and the stream would stay
@@ -169,26 +193,35 @@ class StreamManager:
     ) -> None:
         await writer.close()
         reason = self._reasons.get(info.id)
-        finished = reason not in ("fenced", "handover")
+        if isinstance(writer.error, StreamFenced):
+            reason = "fenced"  # whatever stopped it, another owner has it now
+        elif writer.error is not None and on_end is not None and reason not in _LEFT:
+            reason = "unwritable"  # its last events are not in the log: its next owner
+            # writes them
+        finished = reason not in _LEFT
         recorded = True
-        if reason == "handover" and isinstance(writer.error, StreamFenced):
-            finished = False
         try:
-            if not finished:
-                if reason == "handover":
-                    await self.log.release(info.id, writer.epoch)
-            else:
+            if finished:
                 await self.log.finish(info.id, generation.outcome.status, epoch=writer.epoch)
+            elif reason != "fenced":  # given up now, not when the lease runs out
+                await self.log.release(info.id, writer.epoch)
         except StreamFenced:
-            finished = False
+            finished, reason = False, "fenced"
         except StreamingError as exc:
-            logger.error("stream %s: cannot record its end: %s", info.id, exc)
-            recorded = False
+            if finished:
+                logger.error("stream %s: cannot record its end: %s", info.id, exc)
+                recorded = False
+            else:
+                logger.warning("stream %s: cannot give its lease up: %s", info.id, exc)
         if not finished:
-            logger.info(
+            logger.log(
+                logging.WARNING if reason == "unwritable" else logging.INFO,
                 "stream %s: %s",
                 info.id,
-                "handed over" if reason == "handover" else "taken over by another process",
+                {
+                    "handover": "handed over",
+                    "unwritable": "its events cannot be written: left to its next owner",
+                }.get(reason or "", "taken over by another process"),
             )
         self._running.pop(info.id, None)
         self._reasons.pop(info.id, None)
@@ -199,7 +232,7 @@ class StreamManager:
             except Exception:
                 logger.exception("stream %s: finish hook failed", info.id)
         if on_end is not None:
-            how = "handover" if reason == "handover" else "fenced"
+            how: str = reason if not finished and reason is not None else "fenced"
             if finished:
                 how = "finished" if recorded else "unrecorded"
             try:

@@ -468,7 +468,7 @@ class Generation:
             "provider": target.provider.name,
         }
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         batches = self.batches()
         try:
             async for batch in batches:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -134,22 +135,23 @@ async def test_streams_of_a_killed_worker_are_taken_over_and_complete_exactly(
     doomed = ServerProcess(env, executable=WORKER)
     spare: ServerProcess | None = None
     try:
-        streams = await _start(client, api, 20, 60, f"kill-{uuid.uuid4().hex[:6]}")
+        streams = await _start(client, api, 20, 200, f"kill-{uuid.uuid4().hex[:6]}")
         await asyncio.sleep(1.0)  # all 20 run on the only worker, about 20 tokens in
         spare = ServerProcess(env, executable=WORKER)
-        assert all(r.text for _, r in streams)
+        # Still running, however long the spare took to start (a loaded machine).
+        assert all(r.text and r.names()[-1] != "done" for _, r in streams)
         doomed.proc.send_signal(signal.SIGKILL)
         doomed.proc.wait()
         killed_at = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(r.task for _, r in streams)), 30)
         for prompt, reader in streams:
-            reader.check(_expected(prompt, 60))
+            reader.check(_expected(prompt, 200))
             continued = [e.data for _, e in reader.events if e.event == "continued"]
             assert [c["reason"] for c in continued] == ["takeover"]
-            # Every attempt's usage summed: all 60 tokens out, the prompt twice in
+            # Every attempt's usage summed: all 200 tokens out, the prompt twice in
             # (the second time with the text so far as a prefill).
             usage = reader.events[-1][1].data["usage"]
-            assert 57 <= usage["output_tokens"] <= 63
+            assert 197 <= usage["output_tokens"] <= 203
             at = next(i for i, (_, e) in enumerate(reader.events) if e.event == "continued")
             prefill = "".join(
                 e.data["text"] for _, e in reader.events[:at] if e.event == "delta"
@@ -173,15 +175,16 @@ async def test_a_paused_owner_cannot_write_once_taken_over(
     paused = ServerProcess(env, executable=WORKER)
     spare: ServerProcess | None = None
     try:
-        streams = await _start(client, api, 5, 80, f"stop-{uuid.uuid4().hex[:6]}")
+        streams = await _start(client, api, 5, 160, f"stop-{uuid.uuid4().hex[:6]}")
         await asyncio.sleep(0.8)
         spare = ServerProcess(env, executable=WORKER)
+        assert all(r.names()[-1] != "done" for _, r in streams)
         paused.proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(LEASE_S + 2.0)  # past its lease: taken over meanwhile
         paused.proc.send_signal(signal.SIGCONT)
         await asyncio.wait_for(asyncio.gather(*(r.task for _, r in streams)), 30)
         for prompt, reader in streams:
-            reader.check(_expected(prompt, 80))
+            reader.check(_expected(prompt, 160))
         # In the log itself: every entry says which epoch wrote it, and once the new
         # owner (epoch 2) wrote, the old one (epoch 1) never did again.
         store = redis.Redis.from_url(redis_url)
@@ -190,8 +193,18 @@ async def test_a_paused_owner_cannot_write_once_taken_over(
             epochs = [int(fields[b"e"]) for _, fields in store.xrange(key)]
             assert epochs == sorted(epochs) and epochs[-1] == 2, epochs
         store.close()
-        await asyncio.sleep(0.5)  # the woken owner notices at its next renewal
-        assert _metric(paused.url, "sserelay_fenced_writes_total") == 5
+        # The woken owner stops each stream at its first refused write or renewal, or,
+        # if its own commands timed out across the pause (the store looks hung to it),
+        # steps back from it: either way it ends, settles and records nothing.
+        for _ in range(50):
+            stopped = _metric(paused.url, "sserelay_fenced_writes_total") + _metric(
+                paused.url, "sserelay_generations_stepped_back_total"
+            )
+            if stopped == 5:
+                break
+            await asyncio.sleep(0.1)
+        assert stopped == 5
+        assert _metric(paused.url, "sserelay_streams_finished_total") == 0
     finally:
         _stop(api, paused, spare)
 
@@ -209,7 +222,10 @@ async def test_a_drained_worker_hands_its_streams_over(
         spare = ServerProcess(env, executable=WORKER)
         await asyncio.sleep(0.5)  # the spare has beaten once: it counts as alive
         drained.proc.send_signal(signal.SIGTERM)
-        assert drained.proc.wait(timeout=15) == 0
+        try:
+            assert drained.proc.wait(timeout=15) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("the drained worker did not exit:\n" + drained.stop())
         await asyncio.wait_for(asyncio.gather(*(r.task for _, r in streams)), 30)
         for prompt, reader in streams:
             reader.check(_expected(prompt, 200))  # no `shutdown` error anywhere

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streaming import GenerationRequest, Message, simulated_text
 from testkit.servers import RedisServer, ServerThread
 from testkit.sse import collect, sse_events
 from tests.support import auth, relay_settings, until_ok
@@ -108,3 +109,70 @@ async def test_readers_get_a_last_word_when_redis_goes_away(
         assert direct_tail.names[-1] == "done"
     finally:
         server.stop()
+
+
+async def test_a_stream_whose_events_cannot_be_written_is_continued_not_ended(
+    config_path: Path, private_redis: RedisServer, client: httpx.AsyncClient
+) -> None:
+    """Redis hangs for longer than a command's timeout mid-answer: the appends fail. The
+    process steps back from the stream instead of ending it: no error is counted or
+    recorded, nothing is settled from the partial usage; once Redis answers, the job is
+    taken over (here by the same process) and the answer continued. A reader resuming
+    from its last id gets exactly the rest, and the stream is counted once, as done."""
+    server = ServerThread(
+        relay_settings(
+            config_path,
+            redis_url=private_redis.url,
+            redis_prefix=f"blip-{uuid.uuid4().hex[:4]}:",
+            generation_lease_s=1.0,
+            supervisor_tick_s=0.2,
+        )
+    )
+    body = {"model": "sim-slow", "prompt": "blip", "max_tokens": 60}
+    try:
+        created = (await client.post(server.url + "/v1/streams", json=body, headers=auth())).json()
+        url = server.url + created["events_url"]
+        seen = []
+        async with client.stream("GET", url) as reader:
+            items = sse_events(reader)
+            head = await collect(items, stop_after=6)
+            seen.extend(e for e in head.events if e.event == "delta")
+            last_id = head.events[-1].id
+            private_redis.proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(1.5)  # past the 1 s command timeout: appends fail
+            private_redis.proc.send_signal(signal.SIGCONT)
+        for _ in range(20):  # follow it again, from where this reader was
+            async with client.stream("GET", url, headers={"last-event-id": str(last_id)}) as reader:
+                tail = await asyncio.wait_for(collect(sse_events(reader)), 30)
+            seen.extend(e for e in tail.events if e.event == "delta")
+            if tail.events:
+                last_id = tail.events[-1].id
+            if tail.names and tail.names[-1] == "done":
+                break
+        assert tail.names[-1] == "done", tail.names
+        assert "takeover" in [e.data["reason"] for e in tail.events if e.event == "continued"]
+        text = "".join(e.data["text"] for e in seen)
+        request = GenerationRequest("sim-slow", (Message("user", "blip"),), max_tokens=60)
+        assert text == simulated_text(request, 60)
+        for _ in range(50):  # counted just after the `done` went out
+            if any(_finished((await client.get(server.url + "/metrics")).text).values()):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # and nothing else comes after it
+        metrics = (await client.get(server.url + "/metrics")).text
+        finished = _finished(metrics)
+        assert {k: v for k, v in finished.items() if v} == {"done": 1.0}, finished
+        assert "sserelay_generations_stepped_back_total 1.0" in metrics
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def _finished(metrics: str) -> dict[str, float]:
+    """sserelay_streams_finished_total by outcome, summed over the other labels."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("sserelay_streams_finished_total"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            out[outcome] = out.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
