@@ -20,6 +20,7 @@ from typing import Any
 from ratelimit import NANO_USD, Limiter, LimiterUnavailable, Reservation
 from streaming import Generation, Outcome, StreamInfo, StreamingError
 
+from .cache import Replay, ResponseCache
 from .metrics import Metrics
 from .records import RecordStore, content
 from .settings import RecordsContent
@@ -48,6 +49,8 @@ class StreamAccounting:
         concurrency leases must outlive a wait in the queue."""
         self.still_waiting: Callable[[list[str]], Awaitable[set[str]]] | None = None
         """Which of the queued streams no worker has taken yet (the stream log's)."""
+        self.cache: ResponseCache | None = None
+        """Where answers that ended `done` are kept, for streams with a `cache_key`."""
 
     def hold(self, stream_id: str, reservation: Reservation) -> None:
         self.reservations[stream_id] = reservation
@@ -113,10 +116,17 @@ class StreamAccounting:
                 self.metrics.limiter_errors.inc()
                 logger.warning("cannot renew concurrency leases: %s", exc)
 
-    async def stream_finished(self, route: str, info: StreamInfo, generation: Generation) -> None:
-        """Runs exactly once per stream this process ran, however it ended."""
+    async def stream_finished(
+        self, route: str, info: StreamInfo, generation: Generation | Replay
+    ) -> None:
+        """Runs exactly once per stream this process ran, however it ended (a cached
+        answer played back too: it settles to nothing). An answer that ended `done` is
+        kept in the response cache when its stream has a `cache_key`, on every route,
+        before its record is written."""
         outcome = generation.outcome
         await self.settle(info.id, outcome)
+        if info.cache_key and self.cache is not None:
+            await self.cache.keep(info, generation.text(), outcome)
         self.metrics.stream_finished(route, info.plan, info.model, outcome)
         await self._record(route, info, outcome, generation)
 
@@ -138,7 +148,11 @@ class StreamAccounting:
         await self._record("streams", info, outcome, None)
 
     async def _record(
-        self, route: str, info: StreamInfo, outcome: Outcome, generation: Generation | None
+        self,
+        route: str,
+        info: StreamInfo,
+        outcome: Outcome,
+        generation: Generation | Replay | None,
     ) -> None:
         record = self.record(route, info, outcome, generation)
         try:
@@ -153,7 +167,11 @@ class StreamAccounting:
         )
 
     def record(
-        self, route: str, info: StreamInfo, outcome: Outcome, generation: Generation | None
+        self,
+        route: str,
+        info: StreamInfo,
+        outcome: Outcome,
+        generation: Generation | Replay | None,
     ) -> dict[str, Any]:
         mode = self.records_content
         prompt = output = None
@@ -190,6 +208,7 @@ class StreamAccounting:
             "duration_ms": outcome.duration_ms,
             "retries": outcome.retries,
             "attempts": attempts,
+            "cached": isinstance(generation, Replay),
             "input": content(prompt, mode),
             "output": content(output, mode),
         }

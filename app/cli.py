@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .authn import AuthConfigError, check_auth
+from .cli_apikeys import add_commands as add_apikey_commands
 from .cli_auth import add_commands
 from .cli_records import add_commands as add_record_commands
 from .config import ConfigError, describe, load_config
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     work.set_defaults(handler=serve, workers=1, api_only=False)
     add_commands(commands)
     add_record_commands(commands)
+    add_apikey_commands(commands)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

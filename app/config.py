@@ -64,6 +64,21 @@ class ProviderConfig(BaseModel):
         return os.environ.get(env) if env else None
 
 
+CacheScope = Literal["subject", "plan", "global"]
+"""Who shares a cached answer: the caller alone, everyone on the caller's plan, or
+everyone."""
+
+
+class CacheConfig(BaseModel):
+    """The response cache of one model: exact-match answers kept for `ttl_s`, shared
+    within `scope`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl_s: float = Field(default=3600.0, gt=0)
+    scope: CacheScope = "subject"
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,6 +93,8 @@ class ModelConfig(BaseModel):
     fallbacks: tuple[str, ...] = ()
     """Models to try, in order, once this one's attempts are spent: before the first
     token as after it (then only those that can continue)."""
+    cache: CacheConfig | None = None
+    """The response cache for this model; None (the default): answers are not cached."""
 
 
 class Config(BaseModel):

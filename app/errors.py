@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
 from auth import (
+    ApiKeyStoreUnavailable,
     AuthError,
     NotAuthenticated,
     PermissionDenied,
@@ -47,6 +48,7 @@ STATUS: Mapping[str, int] = {
     "not_found": 404,
     "model_not_found": 404,
     "record_not_found": 404,
+    "api_key_not_found": 404,
     "method_not_allowed": 405,
     "no_config_file": 409,
     "body_too_large": 413,
@@ -60,6 +62,7 @@ STATUS: Mapping[str, int] = {
     "config_invalid": 422,
     "model_not_allowed": 403,
     "rate_limited": 429,
+    "unsupported_parameter": 400,
     # written by the connection guard (`connections`), below the app
     "request_timeout": 408,
     "headers_too_large": 431,
@@ -72,9 +75,35 @@ STATUS: Mapping[str, int] = {
 }
 """Status of every code the app raises; the README's error table mirrors it."""
 
+ENDED_STATUS: Mapping[str, int] = {
+    "upstream_rate_limited": 429,
+    "upstream_overloaded": 529,
+    "upstream_unavailable": 503,
+    "upstream_timeout": 504,
+    "upstream_rejected": 400,
+    "shutdown": 503,
+    "stream_log_unavailable": 503,
+    "stream_lost": 503,
+    "internal_error": 500,
+}
+"""The status a front door that answers in one piece (or before its first byte of
+text) gives a stream that ended in an `error` event with this code: what the client
+would have got from the provider itself. Codes not here are 502 (the upstream failed)."""
+
+
+def ended_status(code: str) -> int:
+    return ENDED_STATUS.get(code, 502)
+
+
+DIALECT_KEY = "sserelay.dialect"
+"""A route speaking another API's dialect puts its error shaper in the request scope
+under this key: errors keep their status and headers from the tables here, and take
+the body shape that API's SDK reads."""
+
 _BY_TYPE: tuple[tuple[type[Exception], int], ...] = (
     (RefreshConflict, 409),
     (RefreshStoreUnavailable, 503),
+    (ApiKeyStoreUnavailable, 503),
     (NotAuthenticated, 401),
     (PermissionDenied, 403),
     (AuthError, 403),
@@ -108,7 +137,7 @@ _PUBLIC_DETAIL = {
     "stream_not_found": "no such stream",
     "stream_log_unavailable": "stream storage is unavailable; retry shortly",
     "limiter_unavailable": "rate limits cannot be checked right now; retry shortly",
-    "auth_store_unavailable": "sessions cannot be checked right now; retry shortly",
+    "auth_store_unavailable": "credentials cannot be checked right now; retry shortly",
 }
 
 
@@ -220,7 +249,9 @@ async def _handle(request: Request, exc: Exception) -> Response:
         services = getattr(request.app.state, "services", None)
         if services is not None:
             services.metrics.auth_failures.labels(exc.code).inc()
-    return response_for(exc)
+    response = response_for(exc)
+    reshape = request.scope.get(DIALECT_KEY)
+    return reshape(response) if reshape is not None else response
 
 
 def exception_handlers() -> dict[Any, ExceptionHandler]:

@@ -28,7 +28,7 @@ from .middleware import (
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
-from .routes import admin, auth, events, meta, streams
+from .routes import admin, auth, compat, events, meta, streams
 from .settings import Settings
 from .wiring import build_services
 from .worker import Worker
@@ -94,6 +94,7 @@ def create_app(
     else:
         routes = [
             *streams.routes,
+            *compat.routes,
             *events.routes,
             *meta.routes,
             *admin.routes,
@@ -120,8 +121,14 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=settings.cors_origin_list,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
-                expose_headers=["x-request-id", "retry-after", "location"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "last-event-id",
+                    "x-request-id",
+                    "cache-control",
+                ],
+                expose_headers=["x-request-id", "retry-after", "location", "x-cache"],
                 allow_credentials=True,
                 max_age=600,
             )

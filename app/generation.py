@@ -1,12 +1,16 @@
 """From a validated body and a caller to a ready-to-run `Generation`: the model, the
-plan's rules, the provider's request, the prices. Shared by both streaming routes."""
+plan's rules, the provider's request, the prices, and the response cache. Shared by
+every streaming route (`POST /v1/streams`, `POST /v1/chat/stream` and the compatible
+front doors)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from auth import Principal
 from ratelimit import Decision, Demand
@@ -18,10 +22,12 @@ from streaming import (
     Provider,
     Resume,
     StreamInfo,
+    StreamingError,
     Target,
     estimate_tokens,
 )
 
+from .cache import CacheEntry, Replay, directives
 from .config import ModelConfig
 from .errors import ProblemError
 from .limits import admit
@@ -77,6 +83,7 @@ def prepare(
             max_tokens=body.max_tokens or ceiling,
             system=body.system,
             temperature=body.temperature,
+            stop=tuple(body.stop or ()),
             metadata=body.metadata,
             request_id=request_id,
             headers={"x-request-id": request_id},
@@ -84,27 +91,63 @@ def prepare(
     )
 
 
+CacheStatus = Literal["HIT", "MISS"]
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     info: StreamInfo
+    """The stream; `info.cache_key` is where its answer is kept if it ends `done`
+    (empty: not kept: the model does not cache, `Cache-Control: no-store`, or a hit)."""
     request: GenerationRequest
     decision: Decision | None
     """The admission (None: admitted without the limiter, which is down, fail-open)."""
+    cache: CacheStatus | None = None
+    """What the response cache said, for the `X-Cache` header; None: the model does not
+    cache (then no header)."""
+    cached: CacheEntry | None = None
+    """The cached answer (a hit): replay it, generate nothing."""
 
 
 async def start(
-    services: Services, caller: Principal, body: CompletionRequest, request_id: str, prefix: str
+    services: Services,
+    caller: Principal,
+    body: CompletionRequest,
+    request_id: str,
+    prefix: str,
+    *,
+    cache_control: str | None = None,
 ) -> Started:
-    """Check the request against the model and plan and admit it; raises problems
-    before any stream exists, so every refusal is a plain HTTP error. What runs the
-    generation (this process or a worker) builds it with `build_generation`."""
+    """Check the request against the model and plan, look it up in the response cache
+    and admit it; raises problems before any stream exists, so every refusal is a plain
+    HTTP error. What runs the generation (this process or a worker) builds it with
+    `build_generation`; a direct route uses `direct_generation`, which replays a hit.
+
+    `cache_control`: the request's `Cache-Control` header. `no-cache` skips the lookup
+    (the answer is generated, and kept, replacing what was there); `no-store` keeps the
+    answer out of the cache. A hit is admitted as a request only (no tokens, no cost:
+    it counts against `requests_per_*`, and its concurrency lease while it plays)."""
     if services.drain.draining.is_set():
         raise ProblemError("draining", "this server is shutting down; retry")
     prepared = prepare(body, caller, services, request_id)
-    decision = await admit(services, caller, services.config.plans[caller.plan], demand(prepared))
+    request = prepared.request
+    cache = services.cache
+    policy = cache.policy(prepared.model)
+    key = ""
+    cached: CacheEntry | None = None
+    if policy is not None:
+        asked = directives(cache_control)
+        key = cache.key(policy, caller, prepared.model, request)
+        if "no-cache" not in asked:
+            cached = await cache.lookup(key)
+        if "no-store" in asked or cached is not None:
+            key = ""
+    wanted = Demand(requests=1) if cached is not None else demand(prepared)
+    decision = await admit(services, caller, services.config.plans[caller.plan], wanted)
+    if policy is not None:
+        cache.counted(prepared.model, hit=cached is not None)
     spec = prepared.spec
     reservation = decision.reservation if decision is not None else None
-    request = prepared.request
     info = StreamInfo(
         id=prefix + uuid.uuid4().hex,
         owner=caller.subject,
@@ -117,8 +160,99 @@ async def start(
         input_usd_per_mtok=spec.input_usd_per_mtok,
         output_usd_per_mtok=spec.output_usd_per_mtok,
         billing=reservation.to_json() if reservation is not None else "",
+        cache_key=key,
     )
-    return Started(info, request, decision)
+    status: CacheStatus | None = None
+    if policy is not None:
+        status = "HIT" if cached is not None else "MISS"
+    return Started(info, request, decision, status, cached)
+
+
+def cache_headers(started: Started) -> dict[str, str]:
+    """`X-Cache: HIT | MISS` for a model that caches; nothing for one that does not."""
+    return {"X-Cache": started.cache} if started.cache is not None else {}
+
+
+DirectGeneration = Generation | Replay
+"""What a direct route streams: a live generation, or a cached answer played back."""
+
+
+def direct_generation(services: Services, started: Started) -> DirectGeneration:
+    """What a direct (non-resumable) route runs for `started`: the live `Generation`
+    (as `build_generation` makes it), or for a cache hit a `Replay` of the cached
+    answer. Both offer what such a route uses, alike:
+
+    - `batches()`: async generator of `list[Event]`, `start` first, ending with `done`
+      or `error` (closing it early cancels the upstream request, if any);
+    - `outcome` (`.status` "running" until it ends), `end(status, error_code=...)`
+      and `abort(code, message, retryable=, status=) -> Event` (the terminal `error`);
+    - `parts` / `text()`: the text sent; `request`, `attempts`: for the record.
+
+    A replay's `done` has `cached: true`, the stored usage and `cost_usd: 0`; its
+    outcome bills nothing. The caller does the rest as for any stream: hold
+    `started.decision.reservation` (`accounting.hold`), count the start
+    (`metrics.stream_started`), send `cache_headers(started)`, and once the response
+    is over call `accounting.stream_finished(route, started.info, generation)` exactly
+    once; that settles it, records it (`cached: true` for a replay) and keeps a live
+    answer that ended `done` in the cache (when `started.info.cache_key` says so).
+    Building has no side effect: nothing is held or counted yet."""
+    if started.cached is not None:
+        return replay(services, started.info, started.request, started.cached)
+    return build_generation(services, started.info, started.request)
+
+
+def start_data(info: StreamInfo) -> dict[str, Any]:
+    """What a stream's `start` event says."""
+    return {
+        "stream_id": info.id,
+        "model": info.model,
+        "provider": info.provider,
+        "plan": info.plan,
+        "max_tokens": info.max_tokens,
+        "created_at": info.created_at,
+    }
+
+
+def replay(
+    services: Services, info: StreamInfo, request: GenerationRequest, entry: CacheEntry
+) -> Replay:
+    return Replay(
+        entry,
+        request,
+        start_data=start_data(info),
+        progress_interval_s=services.options.progress_interval_s,
+    )
+
+
+async def log_replay(services: Services, started: Started) -> None:
+    """A resumable stream for a cache hit: created in the stream log with the replay's
+    events already in it and finished `done`, so its readers replay it (resume,
+    status) exactly as a live one, and no worker is needed. Then settled, counted and
+    recorded like any stream. Raises if the log cannot be written (the stream is then
+    ended, and the caller refunds the admission)."""
+    assert started.cached is not None
+    info, log = started.info, services.log
+    played = replay(services, info, started.request, started.cached)
+    events = [event async for batch in played.batches() for event in batch]
+    settings = services.settings
+    await log.create(
+        info, reader_grace_s=settings.orphan_grace_s, lease_s=settings.generation_lease_s
+    )
+    try:
+        for at in range(0, len(events), 500):
+            await log.append(info.id, events[at : at + 500], epoch=1)
+        await log.finish(info.id, played.outcome.status, epoch=1)
+    except BaseException:
+        try:  # no reader waits for a stream that will never end
+            await asyncio.shield(log.finish(info.id, "error", epoch=1))
+        except StreamingError:
+            pass
+        raise
+    decision = started.decision
+    if decision is not None and decision.reservation is not None:
+        services.accounting.hold(info.id, decision.reservation)
+    services.metrics.stream_started("streams", info.plan, info.model)
+    await asyncio.shield(services.accounting.stream_finished("streams", info, played))
 
 
 def build_generation(
@@ -126,7 +260,9 @@ def build_generation(
 ) -> Generation:
     """The generation of a stream, with the targets its model's configuration gives it:
     the model itself, then its fallbacks (those the plan may use), each with its prices
-    and whether it can continue a partial answer."""
+    and whether it can continue a partial answer. Its text is kept when
+    `info.cache_key` asks for the answer to be cached (`accounting.stream_finished`
+    stores it if it ends `done`)."""
     config = services.config
     spec = config.models.get(info.model)
     if spec is None or spec.provider not in services.providers:
@@ -154,18 +290,12 @@ def build_generation(
     generation = Generation(
         provider,
         request,
-        start_data={
-            "stream_id": info.id,
-            "model": info.model,
-            "provider": info.provider,
-            "plan": info.plan,
-            "max_tokens": info.max_tokens,
-            "created_at": info.created_at,
-        },
+        start_data=start_data(info),
         pricing=Pricing(info.input_usd_per_mtok, info.output_usd_per_mtok),
         options=services.options,
         observer=services.metrics.for_stream(provider.name, info.model),
-        keep_text=services.settings.records_content != "omit",
+        # The text is kept for records that store it, and for the cache to keep.
+        keep_text=services.settings.records_content != "omit" or bool(info.cache_key),
         model=info.model,
         continuation=config.continues(info.model),
         fallbacks=fallbacks,

@@ -14,10 +14,11 @@ import time
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
-# Access tokens and tickets (JWTs) and refresh tokens never reach a log line, whichever
-# code path or library put them in the message.
+# Access tokens and tickets (JWTs), refresh tokens and API keys never reach a log line,
+# whichever code path or library put them in the message.
 _SECRETS = re.compile(
     r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*|srt_[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+    r"|sk-[A-Za-z0-9_-]{20,}"
 )
 
 

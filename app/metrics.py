@@ -85,6 +85,8 @@ _AUTH_REASONS = (
     "refresh_token_revoked",
     "refresh_conflict",
     "auth_store_unavailable",
+    "invalid_api_key",
+    "api_key_expired",
 )
 _RATINGS = ("up", "down", "1", "2", "3", "4", "5")
 
@@ -277,6 +279,25 @@ class Metrics:
             "failed or this process stalled); their next owner continues them",
             registry=r,
         )
+        self.cache_hits = Counter(
+            "sserelay_cache_hits",
+            "Requests answered from the response cache (admitted lookups that found one)",
+            ["model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "sserelay_cache_misses",
+            "Requests to a caching model that the response cache did not answer "
+            "(not found, expired, or bypassed with Cache-Control: no-cache)",
+            ["model"],
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "sserelay_cache_stores",
+            "Answers stored in the response cache",
+            ["model"],
+            registry=r,
+        )
         self.build = Gauge(
             "sserelay_build_info",
             "Version information",
@@ -301,6 +322,9 @@ class Metrics:
                 self.upstream_errors.labels(spec.provider, model, kind)
             for outcome in OUTCOMES:
                 self.duration.labels(model, outcome)
+            if spec.cache is not None:
+                for counter in (self.cache_hits, self.cache_misses, self.cache_stores):
+                    counter.labels(model)
         for route in ROUTES:
             self.streams_active.labels(route)
         for name, plan in config.plans.items():

@@ -14,6 +14,9 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .apikey_schemas import ApiKeyGrant
+from .dialects.anthropic import MessagesRequest
+from .dialects.openai import ChatCompletionRequest
 from .schemas import CompletionRequest, DevTokenGrant, Feedback, RefreshBody, TokenGrant
 
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -22,6 +25,9 @@ _MODELS: tuple[type[BaseModel], ...] = (
     TokenGrant,
     DevTokenGrant,
     RefreshBody,
+    ApiKeyGrant,
+    ChatCompletionRequest,
+    MessagesRequest,
 )
 
 # (method, path, summary, request body model, success status, success media type)
@@ -41,6 +47,22 @@ _OPERATIONS: tuple[tuple[str, str, str, type[BaseModel] | None, int, str], ...] 
         200,
         "sse",
     ),
+    (
+        "post",
+        "/v1/chat/completions",
+        "OpenAI's Chat Completions API (SSE with stream: true)",
+        ChatCompletionRequest,
+        200,
+        "json",
+    ),
+    (
+        "post",
+        "/v1/messages",
+        "Anthropic's Messages API (SSE with stream: true)",
+        MessagesRequest,
+        200,
+        "json",
+    ),
     ("get", "/v1/models", "Models the caller's plan may use", None, 200, "json"),
     ("get", "/v1/usage", "The caller's limits, used and remaining", None, 200, "json"),
     ("post", "/v1/auth/token", "Tokens for a subject (trusted backend)", TokenGrant, 200, "json"),
@@ -48,6 +70,9 @@ _OPERATIONS: tuple[tuple[str, str, str, type[BaseModel] | None, int, str], ...] 
     ("post", "/v1/auth/logout", "Revoke a refresh token's family", RefreshBody, 204, "json"),
     ("post", "/v1/auth/dev-token", "Tokens in development mode", DevTokenGrant, 200, "json"),
     ("post", "/v1/admin/plans/reload", "Reload plans from the config file", None, 200, "json"),
+    ("post", "/v1/admin/apikeys", "Create an API key (shown once)", ApiKeyGrant, 201, "json"),
+    ("get", "/v1/admin/apikeys", "List API keys (never the keys)", None, 200, "json"),
+    ("delete", "/v1/admin/apikeys/{key_id}", "Revoke an API key", None, 200, "json"),
     ("get", "/healthz", "Liveness", None, 200, "json"),
     ("get", "/readyz", "Readiness", None, 200, "json"),
     ("get", "/metrics", "Prometheus metrics", None, 200, "text"),
@@ -90,6 +115,10 @@ def document(version: str, paths: set[str]) -> dict[str, Any]:
                 },
             },
         }
+        if "{key_id}" in path:
+            operation["parameters"] = [
+                {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ]
         if "{stream_id}" in path:
             operation["parameters"] = [
                 {"name": "stream_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -109,9 +138,12 @@ def document(version: str, paths: set[str]) -> dict[str, Any]:
         "info": {"title": "sserelay", "version": version},
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": out,
     }
 

@@ -49,6 +49,10 @@ class CompletionRequest(BaseModel):
     system: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=4
+    )
+    """Stop sequences (at most 4, as the providers accept)."""
     metadata: dict[str, str | int | float | bool] | None = Field(default=None, max_length=16)
 
     @field_validator("prompt")

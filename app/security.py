@@ -1,6 +1,8 @@
 """Where credentials come from, per route.
 
-- `Authorization: Bearer <access token>`, everywhere;
+- `Authorization: Bearer <access token or API key>`, everywhere;
+- `x-api-key: <API key or access token>` when there is no Authorization header (where
+  Anthropic's API, and clients written for it, send the key);
 - the access-token cookie (HttpOnly, Secure, SameSite=Strict), for pages served from the
   same origin; state-changing requests that carry it must come from this origin;
 - a stream ticket (`?ticket=`) on the events URL only, because EventSource cannot send
@@ -13,7 +15,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
-from auth import NotAuthenticated, PermissionDenied, Principal
+from auth import NotAuthenticated, PermissionDenied, Principal, is_api_key
 
 from .limits import report, stash
 from .services import Services
@@ -32,6 +34,31 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token or " " in token.strip():
         raise NotAuthenticated("use the Bearer scheme with exactly one token")
     return token.strip()
+
+
+def api_key_header(request: Request) -> str | None:
+    values = request.headers.getlist("x-api-key")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise NotAuthenticated("send exactly one x-api-key header")
+    value = values[0].strip()
+    if not value or " " in value:
+        raise NotAuthenticated("the x-api-key header must hold exactly one key or token")
+    return value
+
+
+def header_credential(request: Request) -> str | None:
+    """The credential in the request's headers: Authorization first, else x-api-key."""
+    token = bearer_token(request)
+    return token if token is not None else api_key_header(request)
+
+
+async def verify(services: Services, token: str) -> Principal:
+    """An API key (`sk-...`) or an access token (JWT), whichever it is."""
+    if is_api_key(token):
+        return await services.apikeys.verify(token)
+    return await services.verifier.verify(token)
 
 
 def same_origin(request: Request, services: Services) -> bool:
@@ -61,16 +88,19 @@ def require_same_origin(request: Request, services: Services) -> None:
 
 async def principal(request: Request) -> Principal:
     services: Services = request.app.state.services
-    token = bearer_token(request)
+    token = header_credential(request)
     if token is None:
         token = request.cookies.get(services.settings.auth_cookie_name)
         if token is not None:
             require_same_origin(request, services)
+            # The cookie holds an access token only: an API key belongs to a server.
+            return await services.verifier.verify(token)
     if token is None:
         raise NotAuthenticated(
-            "send an access token: Authorization: Bearer <token>", code="missing_credentials"
+            "send an access token or API key: Authorization: Bearer <token>",
+            code="missing_credentials",
         )
-    return await services.verifier.verify(token)
+    return await verify(services, token)
 
 
 async def authorize(request: Request) -> Principal:
@@ -88,8 +118,8 @@ async def stream_reader(request: Request, stream_id: str) -> Principal:
         caller = await principal(request)
     else:
         caller = services.tickets.verify(ticket, stream_id)
-        token = bearer_token(request)
-        if token is not None and (await services.verifier.verify(token)).subject != caller.subject:
+        token = header_credential(request)
+        if token is not None and (await verify(services, token)).subject != caller.subject:
             raise NotAuthenticated(
                 "the stream ticket was issued to someone else", code="invalid_ticket"
             )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from auth import TicketService, TokenVerifier
+from auth import ApiKeys, TicketService, TokenVerifier
 from ratelimit import Limiter
 from streaming import JobQueue, PipelineOptions, Provider, StreamLog, StreamManager
 
 from .accounting import StreamAccounting
 from .authn import Auth
+from .cache import ResponseCache
 from .config import Config
 from .drain import Drain
 from .metrics import Metrics
@@ -29,6 +30,7 @@ class Services:
     settings: Settings
     plans: PlansHolder
     auth: Auth
+    apikeys: ApiKeys
     log: StreamLog
     queue: JobQueue
     manager: StreamManager
@@ -38,6 +40,8 @@ class Services:
     limiter: Limiter
     records: RecordStore
     accounting: StreamAccounting
+    cache: ResponseCache
+    """The response cache (models with `cache:` in the config)."""
     drain: Drain
     breaker: Breaker | None
     """The Redis circuit breaker, when Redis is configured (for /readyz and logs)."""

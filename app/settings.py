@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     """Prompt and output text in request records: left out, SHA-256 only, or kept."""
     records_max: int = Field(default=100_000, ge=100)
     records_ttl_s: float = Field(default=30 * 86400, gt=0)
+    cache_max_chars: int = Field(default=100_000, ge=1)
+    """The longest answer the response cache keeps (characters); a longer one is not
+    stored (models cache only when their config says `cache:`)."""
 
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from functools import partial
 
+from auth import ApiKeys, MemoryApiKeyStore, RedisApiKeyStore
 from ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from streaming import (
     AnthropicProvider,
@@ -32,6 +33,7 @@ from streaming import (
 
 from .accounting import StreamAccounting
 from .authn import build_auth
+from .cache import ResponseCache, build_store
 from .config import Config, ProviderConfig
 from .drain import Drain
 from .metrics import Metrics
@@ -148,6 +150,12 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
 
     auth = build_auth(settings, plans=plans.names, default_plan=plans.default_plan, redis=client)
     stack.push_async_callback(auth.aclose)
+    apikeys = ApiKeys(
+        RedisApiKeyStore(client, prefix=settings.redis_prefix)
+        if client is not None
+        else MemoryApiKeyStore(),
+        plans=plans.names,
+    )
 
     accounting = StreamAccounting(
         limiter=limiter,
@@ -157,6 +165,13 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
     )
 
     accounting.still_waiting = log.waiting
+    cache = ResponseCache(
+        build_store(client, prefix=settings.redis_prefix),
+        config=lambda: plans.current,
+        metrics=metrics,
+        max_chars=settings.cache_max_chars,
+    )
+    accounting.cache = cache
     manager = StreamManager(
         log,
         orphan_grace_s=settings.orphan_grace_s,
@@ -169,6 +184,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         settings=settings,
         plans=plans,
         auth=auth,
+        apikeys=apikeys,
         log=log,
         queue=queue,
         manager=manager,
@@ -178,6 +194,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         limiter=limiter,
         records=records,
         accounting=accounting,
+        cache=cache,
         drain=Drain(manager),
         breaker=breaker,
     )

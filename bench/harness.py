@@ -6,7 +6,9 @@ as the load generator. Paths:
 
 - `upstream`: straight to the fake upstream, the physical limit;
 - `direct`: `POST /v1/chat/stream` through sserelay;
-- `resumable`: `POST /v1/streams`, then its events URL (stream log in Redis).
+- `resumable`: `POST /v1/streams`, then its events URL (stream log in Redis);
+- `openai`: `POST /v1/chat/completions` through sserelay (the OpenAI-compatible door,
+  streaming, with `include_usage`).
 
 The other topology (`ApiWorkers`, started only by the scenario that measures it):
 `sserelay serve --api-only` and N `sserelay worker` processes on a Redis of their own,
@@ -35,7 +37,7 @@ from .client import Pool, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
-PATHS = ("upstream", "direct", "resumable")
+PATHS = ("upstream", "direct", "resumable", "openai")
 
 # The bench plan limits everything, generously, so every request pays for a real
 # limiter decision and settlement (a plan without limits would skip them).
@@ -211,6 +213,24 @@ class Harness:
                 pool=pool,
             )
         relay = self.relay_port if port is None else port
+        if path == "openai":
+            body = {
+                "model": "bench",
+                "messages": [{"role": "user", "content": "bench"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            return await client.stream(
+                relay,
+                "POST",
+                "/v1/chat/completions",
+                body,
+                self.auth,
+                "openai",
+                first=first,
+                pool=pool,
+            )
         body = {"model": "bench", "prompt": "bench", "max_tokens": max_tokens}
         if path == "direct":
             return await client.stream(

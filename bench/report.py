@@ -165,6 +165,7 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
         "upstream": "upstream directly",
         "direct": "via sserelay (POST /v1/chat/stream)",
         "resumable": "via sserelay, resumable (Redis log)",
+        "openai": "via sserelay (POST /v1/chat/completions)",
     }
     titles = {
         "sequential": "one stream at a time",

@@ -183,7 +183,7 @@ async def saturation(h: Harness, sizes: Sizes) -> Measured:
             "intact": all(level["intact"] for level in levels),
             "levels": levels,
         }
-    for path in ("direct", "resumable"):
+    for path in ("direct", "resumable", "openai"):
         figures[path]["vs_upstream_tokens_per_s"] = round(
             figures[path]["tokens_per_s"] / figures["upstream"]["tokens_per_s"], 3
         )

@@ -27,9 +27,13 @@ async def list_models(request: Request) -> Response:
     caller = await authorize(request)
     services: Services = request.app.state.services
     plan = services.config.plans[caller.plan]
+    # OpenAI's list shape, so its SDK's `models.list()` reads it; prices are extra fields.
     data = [
         {
             "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": spec.provider,
             "provider": spec.provider,
             "input_usd_per_mtok": spec.input_usd_per_mtok,
             "output_usd_per_mtok": spec.output_usd_per_mtok,
@@ -40,7 +44,7 @@ async def list_models(request: Request) -> Response:
         for name, spec in services.config.models.items()
         if plan.allows_model(name)
     ]
-    return JSONResponse({"plan": caller.plan, "data": data})
+    return JSONResponse({"object": "list", "plan": caller.plan, "data": data})
 
 
 async def usage(request: Request) -> Response:

@@ -27,7 +27,7 @@ from streaming import (
 
 from ..body import read_body
 from ..errors import ProblemError
-from ..generation import Started, build_generation, start
+from ..generation import Started, cache_headers, direct_generation, log_replay, start
 from ..jobs import encode_job
 from ..limits import stash
 from ..middleware import request_id_of
@@ -82,18 +82,34 @@ async def _start(request: Request, prefix: str) -> tuple[Services, Started]:
     caller = await principal(request)
     services = _services(request)
     body = await read_body(request, CompletionRequest, max_bytes=services.settings.max_body_bytes)
-    started = await start(services, caller, body, request_id_of(request.scope), prefix)
+    started = await start(
+        services,
+        caller,
+        body,
+        request_id_of(request.scope),
+        prefix,
+        cache_control=request.headers.get("cache-control"),
+    )
     stash(request.scope, started.decision)
     return services, started
 
 
 async def create_stream(request: Request) -> Response:
     """Register the stream and queue its generation for a worker (this process, when it
-    has the worker role and a free slot, or any other)."""
+    has the worker role and a free slot, or any other). A cache hit needs no worker:
+    the stream is written whole, from the cached answer, before the 201."""
     services, started = await _start(request, "s_")
     info = started.info
     stream_id = info.id
     reservation = started.decision.reservation if started.decision is not None else None
+    if started.cached is not None:
+        try:
+            await log_replay(services, started)
+        except BaseException:  # nothing was used (the limiter settles a reservation once)
+            if reservation is not None:
+                await asyncio.shield(services.accounting.refund(stream_id, reservation))
+            raise
+        return _created(request, services, started)
     try:
         # The stream first, then its job: a worker never finds a job without its stream
         # (with Redis Cluster they are on different nodes; one pipeline cannot hold both).
@@ -120,11 +136,16 @@ async def create_stream(request: Request) -> Response:
     if reservation is not None:  # its lease lives on while it waits for a worker
         services.accounting.hold_queued(stream_id, reservation)
     services.metrics.stream_started("streams", info.plan, info.model, active=False)
-    ticket, expires = services.tickets.issue(stream_id, info.owner, info.plan)
+    return _created(request, services, started)
+
+
+def _created(request: Request, services: Services, started: Started) -> Response:
+    info = started.info
+    ticket, expires = services.tickets.issue(info.id, info.owner, info.plan)
     return JSONResponse(
-        _links(request, stream_id, ticket, expires),
+        _links(request, info.id, ticket, expires),
         status_code=201,
-        headers={"Location": f"/v1/streams/{stream_id}"},
+        headers={"Location": f"/v1/streams/{info.id}", **cache_headers(started)},
     )
 
 
@@ -260,7 +281,7 @@ async def new_ticket(request: Request) -> Response:
 async def chat_stream(request: Request) -> SSEResponse:
     services, started = await _start(request, "c_")
     info = started.info
-    generation = build_generation(services, info, started.request)
+    generation = direct_generation(services, started)
     if started.decision is not None and started.decision.reservation is not None:
         services.accounting.hold(info.id, started.decision.reservation)
     services.metrics.stream_started("chat", info.plan, info.model)
@@ -285,6 +306,7 @@ async def chat_stream(request: Request) -> SSEResponse:
     return SSEResponse(
         _frames(generation.batches(), services.metrics.sent),
         ping_s=services.settings.ping_interval_s,
+        headers=cache_headers(started),
         on_close=finished,
         stop=drain.stopping,
         stop_frame=shutdown,

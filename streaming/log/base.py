@@ -61,6 +61,9 @@ class StreamInfo:
     billing: str = ""
     """Opaque to this package: what the app needs to settle the stream's usage from any
     process (its rate-limit reservation). Never shown to clients."""
+    cache_key: str = ""
+    """Opaque to this package: where the app keeps the answer once the stream ends
+    `done` (its response-cache key); empty: it is not kept. Never shown to clients."""
 
     def as_dict(self) -> dict[str, str | int | float]:
         """The public view (what `GET /v1/streams/{id}` shows)."""
@@ -83,6 +86,7 @@ class StreamInfo:
             "input_usd_per_mtok": self.input_usd_per_mtok,
             "output_usd_per_mtok": self.output_usd_per_mtok,
             "billing": self.billing,
+            "cache_key": self.cache_key,
         }
 
 

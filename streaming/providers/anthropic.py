@@ -62,6 +62,8 @@ class AnthropicProvider:
             kwargs["system"] = request.system
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
+        if request.stop:
+            kwargs["stop_sequences"] = list(request.stop)
         if request.headers:
             kwargs["extra_headers"] = dict(request.headers)
         try:

@@ -24,6 +24,8 @@ class GenerationRequest:
     max_tokens: int
     system: str | None = None
     temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    """Stop sequences: the answer ends before the first one it would contain."""
     metadata: Mapping[str, Any] | None = None
     request_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)

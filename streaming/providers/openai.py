@@ -69,6 +69,8 @@ class OpenAIProvider:
             body["add_generation_prompt"] = False
         if request.temperature is not None:
             body["temperature"] = request.temperature
+        if request.stop:
+            body["stop"] = list(request.stop)
         return body
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -24,7 +24,7 @@ _WORDS = (
 def simulated_text(request: GenerationRequest, tokens: int) -> str:
     """The exact text the simulator streams for `request` when it produces `tokens`; a
     continuation streams what follows its prefill's length in this same text."""
-    return "".join(_tokens(request, tokens))
+    return "".join(_stopped(_tokens(request, tokens), request.stop)[0])
 
 
 def _seed(request: GenerationRequest) -> int:
@@ -59,6 +59,27 @@ def _after(tokens: list[str], skip: int) -> list[str]:
     return []
 
 
+def _stopped(tokens: list[str], stop: tuple[str, ...]) -> tuple[list[str], bool]:
+    """The tokens before the first stop sequence in their text (the token it starts in
+    cut short), and whether one was found: what a model does with `stop`."""
+    if not stop:
+        return tokens, False
+    text = "".join(tokens)
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    if cut < 0:
+        return tokens, False
+    out: list[str] = []
+    size = 0
+    for token in tokens:
+        if size + len(token) >= cut:
+            if cut > size:
+                out.append(token[: cut - size])
+            break
+        out.append(token)
+        size += len(token)
+    return out, True
+
+
 class SimulatedProvider:
     def __init__(
         self,
@@ -90,7 +111,8 @@ class SimulatedProvider:
     def _pieces(self, request: GenerationRequest, length: int) -> list[str]:
         # The seed comes from the last user message, so a continuation (a prefill) does not
         # change the answer: it streams whatever follows the prefill in the same text.
-        return _after(_tokens(request, length), len(request.prefill))
+        tokens, _ = _stopped(_tokens(request, length), request.stop)
+        return _after(tokens, len(request.prefill))
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:
         length = self._length(request)
@@ -113,7 +135,10 @@ class SimulatedProvider:
                 await asyncio.sleep(delay if delay > 0 else 0)
             yield TextDelta(token, 1)
         yield Usage(output_tokens=len(pieces))
-        yield Stop("max_tokens" if length < self.response_tokens else "end_turn")
+        if _stopped(_tokens(request, length), request.stop)[1]:
+            yield Stop("stop_sequence")
+        else:
+            yield Stop("max_tokens" if length < self.response_tokens else "end_turn")
 
     async def ready(self) -> bool:
         return True

@@ -65,6 +65,8 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # The codes the README's error table documents, and every code the app's status table has.
 KNOWN_CODES = frozenset(STATUS) | {
+    "invalid_api_key",
+    "api_key_expired",
     "missing_credentials",
     "invalid_token",
     "token_expired",

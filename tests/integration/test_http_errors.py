@@ -185,10 +185,14 @@ async def test_models_health_and_unknown_routes(
     r = await client.get(relay.url + "/v1/models", headers=auth(plan="free"))
     assert r.status_code == 200
     assert r.json() == {
+        "object": "list",
         "plan": "free",
         "data": [
             {
                 "id": "sim-fast",
+                "object": "model",
+                "created": 0,
+                "owned_by": "sim",
                 "provider": "sim",
                 "input_usd_per_mtok": 1.0,
                 "output_usd_per_mtok": 5.0,

@@ -1,0 +1,161 @@
+"""The OpenAI and Anthropic APIs, spoken on top of sserelay's own streams.
+
+Each dialect maps its request body to a `CompletionRequest` (refusing, with a 400, what
+it cannot honour rather than ignoring it), renders sserelay's events in its own stream
+format and its own non-streaming body, and shapes errors the way its SDK reads them.
+The routes (`app/routes/compat.py`) run everything else (auth, limits, metering,
+continuation, the cache, records) exactly as the native routes do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from streaming import Event
+
+from ..errors import ProblemError
+from ..schemas import CompletionRequest
+
+
+@dataclass
+class Mapped:
+    """A dialect's request, in sserelay's terms."""
+
+    completion: CompletionRequest
+    stream: bool
+    include_usage: bool = False
+
+
+class Transcript:
+    """One stream as a dialect renders it: fed sserelay's events as they come, it
+    returns the dialect's SSE frames, and at the end can say the whole answer."""
+
+    name: ClassVar[str]
+    """The dialect's name (the `dialect` of request records and error rendering)."""
+
+    def __init__(self, model: str, *, include_usage: bool = False, input_tokens: int = 0) -> None:
+        """`input_tokens`: the prompt's estimate, until the stream's end says the count."""
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.stream_id = ""
+        self.parts: list[str] = []
+        self.stop_reason: str | None = None
+        self.input_tokens = input_tokens
+        self.output_tokens = 0
+        self.cost_usd = 0.0
+        self.cached = False
+        self.error: tuple[str, str] | None = None
+        """The terminal error's (code, message), when it ended in one."""
+        self.ended = False
+
+    def frames(self, batch: list[Event]) -> bytes:
+        """The dialect's frames for a group of events produced together (one write)."""
+        out: list[bytes] = []
+        for event in batch:
+            name = event.name
+            if name == "delta":
+                text = event.json()["text"]
+                self.parts.append(text)
+                out.append(self.delta_frame(text))
+                continue
+            if name not in ("start", "done", "error"):
+                continue  # progress, continued: sserelay's own
+            data = event.json()
+            if name == "start":
+                self.stream_id = str(data.get("stream_id", ""))
+                out.append(self.start_frame(data))
+                continue
+            self.ended = True
+            usage = data.get("usage") or {}
+            self.input_tokens = int(usage.get("input_tokens", 0))
+            self.output_tokens = int(usage.get("output_tokens", 0))
+            self.cost_usd = float(data.get("cost_usd", 0.0))
+            self.cached = bool(data.get("cached", False))
+            if name == "done":
+                self.stop_reason = data.get("stop_reason")
+                out.append(self.done_frame())
+            else:
+                self.error = (str(data.get("code", "internal_error")), str(data.get("message")))
+                out.append(self.error_frame(*self.error))
+        return b"".join(out)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    # What each dialect writes.
+
+    def start_frame(self, data: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def delta_frame(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def done_frame(self) -> bytes:
+        raise NotImplementedError
+
+    def error_frame(self, code: str, message: str) -> bytes:
+        raise NotImplementedError
+
+    def body(self) -> dict[str, Any]:
+        """The non-streaming response, once the stream ended in `done`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def data_frame(payload: dict[str, Any], event: str | None = None) -> bytes:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    if event is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def unsupported(parameter: str, why: str = "") -> ProblemError:
+    return ProblemError(
+        "unsupported_parameter",
+        f"{parameter} is not supported here{': ' + why if why else ''}",
+        extra={"param": parameter},
+    )
+
+
+def text_of(content: Any, where: str) -> str:
+    """Text content: a string, or a list of text parts (other kinds are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise unsupported(f"{where} of type {kind!r}", "only text content is")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ProblemError("invalid_request", f"{where}: a text part needs `text`")
+            texts.append(text)
+        return "".join(texts)
+    raise ProblemError("invalid_request", f"{where} must be a string or a list of text parts")
+
+
+@dataclass
+class Defaults:
+    """Parameters a dialect accepts only at the value that changes nothing."""
+
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def check(self, given: dict[str, Any]) -> None:
+        for name, value in given.items():
+            if value is None:
+                continue
+            allowed = self.values.get(name)
+            if allowed is None or value not in allowed:
+                raise unsupported(name)
+
+
+__all__ = ["Defaults", "Mapped", "Transcript", "data_frame", "text_of", "unsupported"]
