@@ -36,7 +36,10 @@ def _fail(message: str, code: int = 2) -> int:
 def _when(value: float | None) -> str:
     if value is None:
         return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    except (OverflowError, OSError, ValueError):  # a record written by a buggy writer
+        return str(value)
 
 
 async def _create(args: argparse.Namespace, keys: ApiKeys) -> int:

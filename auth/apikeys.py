@@ -53,6 +53,10 @@ _TOUCH = (
 )
 
 
+MAX_TTL_S = 10 * 365 * 86400
+"""The longest a key may live: ten years."""
+
+
 class ApiKeyStoreUnavailable(AuthError):
     """The key store cannot be read or written (Redis is down): retry shortly."""
 
@@ -369,6 +373,7 @@ class ApiKeys:
     async def create(
         self, subject: str, plan: str, *, name: str = "", ttl_s: float | None = None
     ) -> tuple[str, ApiKeyRecord]:
+        # A bound, so that every expiry is a time Redis and the clock can represent.
         """A new key and its record. The key is returned here and nowhere else."""
         if not _SUBJECT.fullmatch(subject):
             raise ValueError("the subject must be 1 to 256 printable characters")
@@ -376,8 +381,8 @@ class ApiKeys:
             raise ValueError(f"no plan named {plan!r}")
         if not _NAME.fullmatch(name):
             raise ValueError("the name must be at most 200 printable characters")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ValueError("the expiry must be in the future")
+        if ttl_s is not None and not (1 <= ttl_s <= MAX_TTL_S):  # NaN fails both
+            raise ValueError("the expiry must be between 1 second and 10 years away")
         key = API_KEY_PREFIX + secrets.token_urlsafe(30)
         now = self._clock()
         record = ApiKeyRecord(

@@ -125,16 +125,29 @@ def unsupported(parameter: str, why: str = "") -> ProblemError:
     )
 
 
+_PART_KEYS = frozenset(("type", "text", "cache_control"))
+"""What a text part may carry. `cache_control` (Anthropic's prompt-caching hint) changes
+the provider's bill, never the answer, so it is accepted."""
+
+
+def only_keys(value: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    """Refuse what would otherwise be dropped without a word."""
+    for key in value:
+        if key not in allowed:
+            raise unsupported(f"{where}.{key}")
+
+
 def text_of(content: Any, where: str) -> str:
     """Text content: a string, or a list of text parts (other kinds are refused)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise unsupported(f"{where} of type {kind!r}", "only text content is")
+            only_keys(part, _PART_KEYS, f"{where}[{i}]")
             text = part.get("text")
             if not isinstance(text, str):
                 raise ProblemError("invalid_request", f"{where}: a text part needs `text`")
@@ -154,8 +167,9 @@ class Defaults:
             if value is None:
                 continue
             allowed = self.values.get(name)
-            if allowed is None or value not in allowed:
+            # By type too: `n: true` is not `n: 1`, nor `logprobs: 0` `logprobs: false`.
+            if allowed is None or not any(type(value) is type(a) and value == a for a in allowed):
                 raise unsupported(name)
 
 
-__all__ = ["Defaults", "Mapped", "Transcript", "data_frame", "text_of", "unsupported"]
+__all__ = ["Defaults", "Mapped", "Transcript", "data_frame", "only_keys", "text_of", "unsupported"]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..body import validate
 from ..errors import ProblemError
 from ..schemas import CompletionRequest
-from . import Defaults, Mapped, Transcript, data_frame, text_of
+from . import Defaults, Mapped, Transcript, data_frame, only_keys, text_of
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -63,6 +63,7 @@ def map_request(body: MessagesRequest) -> Mapped:
         role = message.get("role")
         if role not in ("user", "assistant"):
             raise ProblemError("invalid_request", f"messages[{i}].role must be user or assistant")
+        only_keys(message, frozenset(("role", "content")), f"messages[{i}]")
         content = message.get("content")
         if content is None:
             raise ProblemError("invalid_request", f"messages[{i}].content is required")

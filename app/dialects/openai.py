@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..body import validate
 from ..errors import ProblemError
 from ..schemas import CompletionRequest
-from . import Defaults, Mapped, Transcript, data_frame, text_of, unsupported
+from . import Defaults, Mapped, Transcript, data_frame, only_keys, text_of, unsupported
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -63,6 +63,11 @@ _DEFAULTS = Defaults(
 )
 
 
+_MESSAGE_KEYS = frozenset(("role", "content", "refusal"))
+"""What a user or assistant message may carry here (`name` cannot be honoured by every
+provider, tool calls not at all)."""
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -103,6 +108,7 @@ def map_request(body: ChatCompletionRequest) -> Mapped:
             raise unsupported(f"messages[{i}].tool_calls")
         if message.get("audio"):
             raise unsupported(f"messages[{i}].audio")
+        only_keys(message, _MESSAGE_KEYS, f"messages[{i}]")
         content = message.get("content")
         if content is None:
             raise ProblemError("invalid_request", f"{where} is required")

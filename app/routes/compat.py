@@ -51,13 +51,17 @@ def _shaper(dialect: type[Transcript]) -> Callable[[Response], Response]:
 
     def reshape(response: Response) -> Response:
         problem = json.loads(bytes(response.body))
+        # Both APIs answer a request they cannot accept with 400 (their SDKs raise
+        # BadRequestError); sserelay's own routes say 422 for a body that does not
+        # validate.
+        status = 400 if response.status_code == 422 else response.status_code
         headers = {
             k: v
             for k, v in response.headers.items()
             if k.lower() not in ("content-type", "content-length")
         }
-        body = dialect.error_body(response.status_code, problem["code"], problem["detail"])
-        return JSONResponse(body, status_code=response.status_code, headers=headers)
+        body = dialect.error_body(status, problem["code"], problem["detail"])
+        return JSONResponse(body, status_code=status, headers=headers)
 
     return reshape
 
@@ -100,7 +104,14 @@ async def _serve(
         info.model, include_usage=mapped.include_usage, input_tokens=info.input_tokens
     )
 
+    settled = False
+
     async def finished() -> None:
+        """Once, however the response ends (the settlement and the drain count)."""
+        nonlocal settled
+        if settled:
+            return
+        settled = True
         try:
             if generation.outcome.status == "running":
                 generation.end("client_gone", error_code="client_gone")
@@ -119,19 +130,29 @@ async def _serve(
         await batches.aclose()
         await finished()
         return Response(status_code=499)
-    ended = any(e.terminal for batch in head for e in batch)
-    if ended or not mapped.stream:
+    failed = next((e for batch in head for e in batch if e.name == "error"), None)
+    if failed is not None and not any(e.name == "delta" for batch in head for e in batch):
+        # Refused before any text: the status the provider's own API would give.
         await batches.aclose()
+        await finished()
+        data = failed.json()
+        code, message = str(data.get("code", "internal_error")), str(data.get("message"))
+        status = ended_status(code)
+        if status in (429, 503, 529):
+            headers = {**headers, "Retry-After": "1"}
+        error = dialect.error_body(status, code, message)
+        return JSONResponse(error, status_code=status, headers=headers)
+    if not mapped.stream:
+        await batches.aclose()
+        await finished()
         for batch in head:
             transcript.frames(batch)
-        await finished()
-        if transcript.error is not None:
+        if transcript.error is not None:  # failed after text: the answer is lost
             code, message = transcript.error
             status = ended_status(code)
             error = dialect.error_body(status, code, message)
             return JSONResponse(error, status_code=status, headers=headers)
-        if not mapped.stream:
-            return JSONResponse(transcript.body(), headers=headers)
+        return JSONResponse(transcript.body(), headers=headers)
     return SSEResponse(
         _frames(head, batches, transcript, services),
         ping_s=services.settings.ping_interval_s,

@@ -299,6 +299,10 @@ async def test_a_key_whose_plan_was_removed_is_refused(backend: Backend) -> None
         ("alice", "gold", "", None, "plan"),
         ("alice", "pro", "bad\x00name", None, "name"),
         ("alice", "pro", "", 0, "expiry"),
+        ("alice", "pro", "", 0.0001, "expiry"),  # expired before it is shown
+        ("alice", "pro", "", 11 * 365 * 86400, "expiry"),
+        ("alice", "pro", "", float("inf"), "expiry"),  # `--expires 1000...0d`
+        ("alice", "pro", "", float("nan"), "expiry"),
     ],
 )
 async def test_create_refuses_what_it_cannot_store(

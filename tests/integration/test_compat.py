@@ -242,6 +242,19 @@ async def test_openai_sdk_gets_http_errors_before_the_stream(
             model="claude-busy", messages=[{"role": "user", "content": "hi"}], stream=True
         )
     assert busy.value.status_code == 529
+    assert busy.value.response.headers["retry-after"] == "1"
+    # What OpenAI itself refuses with 400, and the SDK raises as BadRequestError.
+    for bad in (
+        {"max_tokens": 0},
+        {"temperature": 3},
+        {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+        {"extra_body": {"n": True}},
+        {"extra_body": {"seed": 7}},
+        {"messages": [{"role": "tool", "content": "x", "tool_call_id": "t"}]},
+    ):
+        args: dict[str, Any] = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(**{**args, **bad})
 
 
 async def test_openai_sdk_lists_models_with_prices(
@@ -485,3 +498,37 @@ async def test_cached_answers_replay_through_both_doors(
     async with ant(who).messages.stream(model="gpt-cached", max_tokens=100, messages=ask) as s:
         assert "".join([t async for t in s.text_stream]) == expected_text(40)
     assert len(upstream.app.records) == calls  # every one a replay
+
+
+async def test_an_answer_ending_before_any_text_is_settled_once(
+    relay: ServerThread, oai: Make, ant: Make
+) -> None:
+    """A stop sequence that matches at the very start: an empty answer, streamed, through
+    both doors. Each stream is counted and settled once, and none stays open."""
+    services = relay.app.state.services
+    first_word = _sim_text("empty", 5).split()[0]
+    before = services.metrics.streams_finished.labels(
+        "chat", "pro", "sim-fast", "done"
+    )._value.get()
+    stream = await oai().chat.completions.create(
+        model="sim-fast",
+        messages=[{"role": "user", "content": "empty"}],
+        stop=[first_word],
+        stream=True,
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    async with ant().messages.stream(
+        model="sim-fast",
+        max_tokens=5,
+        messages=[{"role": "user", "content": "empty"}],
+        stop_sequences=[first_word],
+    ) as empty:
+        message = await empty.get_final_message()
+    assert message.stop_reason == "stop_sequence" and message.content[0].text == ""  # type: ignore[union-attr]
+    await _eventually(lambda: services.drain.direct_streams == 0)
+    after = services.metrics.streams_finished.labels("chat", "pro", "sim-fast", "done")._value.get()
+    assert after - before == 2
+    assert services.drain.direct_streams == 0
+    assert services.metrics.streams_active.labels("chat")._value.get() == 0
