@@ -157,7 +157,7 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return None
-    scenarios = [s for s in ("sequential", "concurrent") if ttfts.get(s)]
+    scenarios = [s for s in ("sequential", "burst", "concurrent") if ttfts.get(s)]
     if not scenarios:
         return None
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.2), squeeze=False)
@@ -169,6 +169,7 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
     }
     titles = {
         "sequential": "one stream at a time",
+        "burst": "100 streams started at once, new connections",
         "concurrent": "streams started while many are in flight",
     }
     for ax, scenario in zip(axes[0], scenarios, strict=True):

@@ -23,7 +23,15 @@ import uvloop
 from . import report, scenarios
 from .harness import ROOT, Harness, describe_machine, raise_fd_limit
 
-SCENARIOS = ("sequential", "concurrent", "saturation", "open_streams", "limiter", "api_workers")
+SCENARIOS = (
+    "sequential",
+    "burst",
+    "concurrent",
+    "saturation",
+    "open_streams",
+    "limiter",
+    "api_workers",
+)
 
 
 async def one_run(

@@ -47,6 +47,8 @@ class Sizes:
     # six cores, and on two would measure only the backlog.
     api_workers_in_flight: int = 100
     api_workers_tokens: int = 100  # at concurrent_tps: 5 s streams, 15 s a path
+    burst_streams: int = 100
+    burst_rounds: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -61,6 +63,7 @@ class Sizes:
             limiter_s=2.0,
             limiter_latency_samples=500,
             api_workers_tokens=40,
+            burst_rounds=2,
         )
 
 
@@ -100,6 +103,38 @@ async def sequential(h: Harness, sizes: Sizes) -> Measured:
         figures[path] = {
             **_ttft_figures(samples),
             "streams": len(samples),
+            "intact": all(s.text == want for s in samples),
+        }
+        if path != "upstream":
+            figures[path]["sserelay_cpu_ms_per_stream"] = round(
+                (h.relay_cpu - cpu) / len(samples) * 1000, 3
+            )
+        ttfts[path] = [s.ttft_s for s in samples]
+    _added(figures)
+    return Measured(figures, ttfts)
+
+
+async def burst(h: Harness, sizes: Sizes) -> Measured:
+    """100 streams started at the same instant, each on a new connection (a page load,
+    a retry storm): what the starts cost when they queue behind each other. Measured
+    from each request's own start; every text is checked."""
+    n, tokens = sizes.burst_streams, 20
+    await h.shape(tokens=tokens, tps=0, batch=1)
+    want = expected_text(tokens)
+    figures: Figures = {}
+    ttfts: dict[str, list[float]] = {}
+    for path in PATHS:
+        await h.one(path, tokens)
+        samples: list[Sample] = []
+        cpu = h.relay_cpu
+        for _ in range(sizes.burst_rounds):
+            samples += await asyncio.gather(*(h.one(path, tokens) for _ in range(n)))
+            if path != "upstream":
+                await h.settle()
+        figures[path] = {
+            **_ttft_figures(samples),
+            "streams": len(samples),
+            "burst": n,
             "intact": all(s.text == want for s in samples),
         }
         if path != "upstream":
