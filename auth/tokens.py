@@ -7,6 +7,7 @@ a small leeway; a maximum lifetime; a size cap checked before any parsing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -55,9 +56,22 @@ class TokenVerifier:
         default_plan: Callable[[], str],
         claims: Claims | None = None,
         jwks: JWKSKeys | None = None,
+        cache_size: int = 10_000,
+        cache_s: float = 300.0,
     ) -> None:
         """`plans` and `default_plan` are read on every call, so a plan reload applies
-        to the next request without rebuilding the verifier."""
+        to the next request without rebuilding the verifier.
+
+        A token whose signature verified is remembered (by its SHA-256, at most
+        `cache_size` of them, the oldest forgotten first) until it expires, or for
+        `cache_s` at most: a client sends the same token with every request, and
+        checking a signature costs twenty times more than everything else here. The
+        claims are checked again on every use (expiry, the plan still existing); only
+        the signature is not, so a verification key withdrawn (from the JWKS, say)
+        stops accepting tokens already seen after `cache_s`, new ones at once."""
+        self._verified: dict[bytes, tuple[dict[str, Any], float]] = {}
+        self._cache_s = cache_s
+        self._cache_size = cache_size
         self._keys = list(keys)
         self._jwks = jwks
         self._plans = plans
@@ -75,6 +89,16 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
             raise NotAuthenticated("the token is too large")
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            claims, until = known
+            now = time.time()
+            if now <= until:
+                if now > claims["exp"] + self._claims.leeway_s:
+                    raise NotAuthenticated("the token has expired", code="token_expired")
+                return self._principal(claims)
+            del self._verified[digest]  # verified again below
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -112,7 +136,12 @@ class TokenVerifier:
                 raise NotAuthenticated(f"the token is not valid: {exc}") from exc
         else:
             raise NotAuthenticated(f"the token is not valid: {last_error}")
-        return self._principal(claims)
+        principal = self._principal(claims)
+        if self._cache_size > 0:
+            if len(self._verified) >= self._cache_size:
+                del self._verified[next(iter(self._verified))]
+            self._verified[digest] = (claims, time.time() + self._cache_s)
+        return principal
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         c = self._claims
