@@ -156,6 +156,55 @@ async def test_commands_pipelines_and_scripts_go_through(clients: Clients) -> No
 
 
 @pytest.mark.redis
+async def test_a_full_pool_queues_checkouts_in_order_and_bounds_the_wait(
+    server: RedisServer,
+) -> None:
+    """Two connections, six commands that each hold one for 0.3 s: the four that find
+    none free wait and are served as connections come back, in the order they came (a
+    checkout arriving meanwhile does not jump the queue); a wait past the pool timeout
+    fails as Redis-unavailable."""
+    breaker = Breaker()
+    pool = BreakerConnectionPool.from_url(
+        server.url, max_connections=2, timeout=5.0, socket_timeout=2.0, breaker=breaker
+    )
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        order: list[int | str] = []
+
+        async def hold(i: int) -> None:
+            await client.blpop([f"nothing-{i}"], timeout=0.3)
+            order.append(i)
+
+        async def get_late() -> None:
+            await client.get("k")
+            order.append("late")
+
+        tasks = [asyncio.create_task(hold(i)) for i in range(6)]
+        await asyncio.sleep(0.1)  # two run, four wait
+        late = asyncio.create_task(get_late())  # arrives behind the four
+        await asyncio.gather(*tasks, late)
+        assert [set(order[0:2]), set(order[2:4]), set(order[4:6])] == [{0, 1}, {2, 3}, {4, 5}]
+        assert order[6] == "late"
+        assert len(pool._available_connections) == 2 and not pool._in_use_connections
+
+        short = BreakerConnectionPool.from_url(
+            server.url, max_connections=1, timeout=0.2, socket_timeout=2.0, breaker=breaker
+        )
+        impatient = aioredis.Redis.from_pool(short)
+        try:
+            busy = asyncio.create_task(impatient.blpop(["nothing"], timeout=0.6))
+            await asyncio.sleep(0.05)
+            with pytest.raises(ConnectionError, match="No connection available"):
+                await impatient.get("k")
+            await busy
+            assert await impatient.get("k") is None  # free again, at once
+        finally:
+            await impatient.aclose()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
 async def test_the_tail_may_block_longer_than_the_command_timeout(server: RedisServer) -> None:
     """The blocking XREAD waits longer than any other command may: not a failure."""
     client, tail, breaker = redis_clients(
