@@ -87,6 +87,10 @@ class Transcript:
     def text(self) -> str:
         return "".join(self.parts)
 
+    def extras(self) -> dict[str, Any]:
+        """What a non-streaming body carries beyond the API's own fields."""
+        return {"stream_id": self.stream_id, "cost_usd": self.cost_usd, "cached": self.cached}
+
     # What each dialect writes.
 
     def start_frame(self, data: dict[str, Any]) -> bytes:

@@ -165,11 +165,7 @@ class Message(Transcript):
             "stop_reason": self.stop_reason,
             "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
-            "sserelay": {
-                "stream_id": self.stream_id,
-                "cost_usd": self.cost_usd,
-                "cached": self.cached,
-            },
+            "sserelay": self.extras(),
         }
 
     @staticmethod

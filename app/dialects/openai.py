@@ -217,11 +217,7 @@ class ChatCompletion(Transcript):
                 }
             ],
             "usage": self._usage(),
-            "sserelay": {
-                "stream_id": self.stream_id,
-                "cost_usd": self.cost_usd,
-                "cached": self.cached,
-            },
+            "sserelay": self.extras(),
         }
 
     @staticmethod
