@@ -177,6 +177,23 @@ DirectGeneration = Generation | Replay
 """What a direct route streams: a live generation, or a cached answer played back."""
 
 
+async def open_direct(services: Services, started: Started) -> DirectGeneration:
+    """`direct_generation`, with what every direct route does next: the admission is
+    held for the stream (or given back if it cannot be built, say its model was
+    removed by a reload since admission) and the start is counted."""
+    reservation = started.decision.reservation if started.decision is not None else None
+    try:
+        generation = direct_generation(services, started)
+    except BaseException:
+        if reservation is not None:  # nothing was used
+            await asyncio.shield(services.accounting.refund(started.info.id, reservation))
+        raise
+    if reservation is not None:
+        services.accounting.hold(started.info.id, reservation)
+    services.metrics.stream_started("chat", started.info.plan, started.info.model)
+    return generation
+
+
 def direct_generation(services: Services, started: Started) -> DirectGeneration:
     """What a direct (non-resumable) route runs for `started`: the live `Generation`
     (as `build_generation` makes it), or for a cache hit a `Replay` of the cached
@@ -189,10 +206,9 @@ def direct_generation(services: Services, started: Started) -> DirectGeneration:
     - `parts` / `text()`: the text sent; `request`, `attempts`: for the record.
 
     A replay's `done` has `cached: true`, the stored usage and `cost_usd: 0`; its
-    outcome bills nothing. The caller does the rest as for any stream: hold
-    `started.decision.reservation` (`accounting.hold`), count the start
-    (`metrics.stream_started`), send `cache_headers(started)`, and once the response
-    is over call `accounting.stream_finished(route, started.info, generation)` exactly
+    outcome bills nothing. Routes call it through `open_direct` (which holds the
+    admission and counts the start), send `cache_headers(started)`, and once the
+    response is over call `accounting.stream_finished(route, started.info, generation)` exactly
     once; that settles it, records it (`cached: true` for a replay) and keeps a live
     answer that ended `done` in the cache (when `started.info.cache_key` says so).
     Building has no side effect: nothing is held or counted yet."""

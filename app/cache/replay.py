@@ -47,7 +47,7 @@ def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 class Replay:
     """What `Generation` is to the direct route, for an answer from the cache: the same
-    `batches()`, `events()`, `outcome`, `end()`, `abort()`, `parts`, `text()`,
+    `batches()`, `outcome`, `end()`, `abort()`, `parts`, `text()`,
     `request` and `attempts` (none: nothing was asked of a provider). Billed nothing:
     its outcome has no tokens and no cost, whatever the stored usage says."""
 
@@ -77,15 +77,6 @@ class Replay:
         self.started = clock()
         self.first_at: float | None = None
         self.sent_tokens = 0
-
-    async def events(self) -> AsyncGenerator[Event, None]:
-        batches = self.batches()
-        try:
-            async for batch in batches:
-                for event in batch:
-                    yield event
-        finally:
-            await batches.aclose()
 
     async def batches(self) -> AsyncGenerator[list[Event], None]:
         encode, entry = self.encode, self.entry

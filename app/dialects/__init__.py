@@ -9,6 +9,7 @@ continuation, the cache, records) exactly as the native routes do.
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class Mapped:
     include_usage: bool = False
 
 
-class Transcript:
+class Transcript(abc.ABC):
     """One stream as a dialect renders it: fed sserelay's events as they come, it
     returns the dialect's SSE frames, and at the end can say the whole answer."""
 
@@ -93,25 +94,26 @@ class Transcript:
 
     # What each dialect writes.
 
-    def start_frame(self, data: dict[str, Any]) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start_frame(self, data: dict[str, Any]) -> bytes: ...
 
-    def delta_frame(self, text: str) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def delta_frame(self, text: str) -> bytes: ...
 
-    def done_frame(self) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def done_frame(self) -> bytes: ...
 
-    def error_frame(self, code: str, message: str) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def error_frame(self, code: str, message: str) -> bytes: ...
 
+    @abc.abstractmethod
     def body(self) -> dict[str, Any]:
         """The non-streaming response, once the stream ended in `done`."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def error_body(status: int, code: str, message: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The body of an error response with `status`, in the dialect's shape."""
 
 
 def data_frame(payload: dict[str, Any], event: str | None = None) -> bytes:

@@ -32,7 +32,7 @@ from ..dialects import Mapped, Transcript
 from ..dialects import anthropic as anthropic_dialect
 from ..dialects import openai as openai_dialect
 from ..errors import DIALECT_KEY, ended_status
-from ..generation import DirectGeneration, cache_headers, direct_generation, start
+from ..generation import DirectGeneration, cache_headers, open_direct, start
 from ..limits import stash
 from ..middleware import request_id_of
 from ..security import principal
@@ -93,11 +93,8 @@ async def _serve(
     )
     stash(request.scope, started.decision)
     info = started.info
-    generation = direct_generation(services, started)
+    generation = await open_direct(services, started)
     headers = cache_headers(started)
-    if started.decision is not None and started.decision.reservation is not None:
-        services.accounting.hold(info.id, started.decision.reservation)
-    services.metrics.stream_started("chat", info.plan, info.model)
     drain = services.drain
     drain.direct_streams += 1
     transcript = dialect(

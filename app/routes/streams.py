@@ -27,7 +27,7 @@ from streaming import (
 
 from ..body import read_body
 from ..errors import ProblemError
-from ..generation import Started, cache_headers, direct_generation, log_replay, start
+from ..generation import Started, cache_headers, log_replay, open_direct, start
 from ..jobs import encode_job
 from ..limits import stash
 from ..middleware import request_id_of
@@ -281,10 +281,7 @@ async def new_ticket(request: Request) -> Response:
 async def chat_stream(request: Request) -> SSEResponse:
     services, started = await _start(request, "c_")
     info = started.info
-    generation = direct_generation(services, started)
-    if started.decision is not None and started.decision.reservation is not None:
-        services.accounting.hold(info.id, started.decision.reservation)
-    services.metrics.stream_started("chat", info.plan, info.model)
+    generation = await open_direct(services, started)
     drain = services.drain
 
     async def finished() -> None:
