@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,10 @@ async def _create(args: argparse.Namespace, keys: ApiKeys) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     print(key, flush=True)  # the first line of stdout, and the only time it is shown
-    print(json.dumps(record.as_json()))
+    try:
+        print(json.dumps(record.as_json()), flush=True)
+    except BrokenPipeError:  # `| head -1`: the reader took the key and left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     print(
         f"sserelay: created {record.id} for {record.subject!r} on plan {record.plan!r}, "
         f"expires {_when(record.expires_at) if record.expires_at else 'never'}; "
