@@ -68,6 +68,14 @@ def create_app(
             background = [
                 asyncio.create_task(services.accounting.keep_leases(), name="lease-keeper")
             ]
+            if services.options.pacer is not None:
+                services.metrics.paced(services.options.pacer)
+                background.append(
+                    asyncio.create_task(
+                        services.options.pacer.run(on_sample=services.metrics.paced),
+                        name="pacer",
+                    )
+                )
             if settings.config is not None:
                 background.append(
                     asyncio.create_task(

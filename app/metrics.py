@@ -28,7 +28,7 @@ from prometheus_client import multiprocess as mp
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ratelimit import Decision
-from streaming import Outcome
+from streaming import Outcome, Pacer
 from streaming.log import STREAM_STATUSES
 
 if TYPE_CHECKING:
@@ -251,6 +251,19 @@ class Metrics:
             buckets=_QUEUE_BUCKETS,
             registry=r,
         )
+        self.coalesce_window = Gauge(
+            "sserelay_coalesce_window_seconds",
+            "How long text may be held to merge it into one event now: the configured "
+            "window when idle, wider as the process gets busy",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.process_busy = Gauge(
+            "sserelay_process_busy_ratio",
+            "Share of one CPU this process used over the last pacing sample",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.generations_active = Gauge(
             "sserelay_generations_active",
             "Generations this process is running now (its worker role)",
@@ -361,6 +374,10 @@ class Metrics:
             model,
             self.continuations,
         )
+
+    def paced(self, pacer: Pacer) -> None:
+        self.coalesce_window.set(pacer.window_s())
+        self.process_busy.set(round(pacer.busy, 3))
 
     def sent(self, event: str) -> None:
         child = self.event_children.get(event)

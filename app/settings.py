@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     supervisor_tick_s: float = Field(default=1.0, gt=0)
     progress_interval_ms: int = Field(default=250, ge=10)
     coalesce_ms: float = Field(default=10, ge=0)
+    """How long text may be held to merge it with what follows, when the process is idle."""
+    coalesce_max_ms: float = Field(default=50, ge=0)
+    """How long at most, when the process is busy: the window widens from
+    `coalesce_ms` to this as the process's CPU use rises (equal to `coalesce_ms`: fixed)."""
     coalesce_max_chars: int = Field(default=2048, ge=1)
     ping_interval_s: float = Field(default=15, gt=0)
     retry_ms: int = Field(default=1000, ge=0)

@@ -20,6 +20,8 @@ HOST = "127.0.0.1"
 class Sample:
     ttft_s: float
     text: str
+    events: int = 0
+    """Events that carried text (sserelay `delta`s, OpenAI chunks with content)."""
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -220,4 +222,4 @@ async def stream(
             pool.give((reader, writer), response_headers)
         else:
             writer.close()
-    return Sample(ttft if ttft is not None else float("nan"), "".join(text))
+    return Sample(ttft if ttft is not None else float("nan"), "".join(text), len(text))

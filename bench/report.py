@@ -195,3 +195,44 @@ def chart(ttfts: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def load_chart(results: Results, out: Path) -> Path | None:
+    """The realistic scenario over load: text events delivered per second, and
+    sserelay's CPU, against the streams in flight (50 tokens/s each), one line per path.
+    None without that scenario or matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    paths = results.get("realistic")
+    if not paths:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
+    panels = (
+        ("text_events_per_s", "text events delivered per second", False),
+        ("tokens_per_event", "tokens per text event (coalescing)", False),
+        ("sserelay_cpu_util", "sserelay CPU (share of one core)", False),
+        ("ttft_p99_ms", "time to first text, p99 (ms, log scale)", True),
+    )
+    for ax, (figure, title, log) in zip(axes, panels, strict=True):
+        for path, figures in paths.items():
+            levels = [lv for lv in figures.get("levels") or [] if lv.get(figure) is not None]
+            if levels:
+                xs = [lv["in_flight"] for lv in levels]
+                color = f"C{list(paths).index(path)}"  # one colour per path in every panel
+                ax.plot(xs, [lv[figure] for lv in levels], marker="o", label=path, color=color)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("streams in flight, 50 tokens/s each (Poisson arrivals)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

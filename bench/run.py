@@ -27,6 +27,7 @@ SCENARIOS = (
     "sequential",
     "burst",
     "concurrent",
+    "realistic",
     "saturation",
     "open_streams",
     "limiter",
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     duration = time.perf_counter() - started
     print(report.table(results))
     png = report.chart(ttfts, args.out.with_name("ttft_cdf.png"))
+    load_png = report.load_chart(results, args.out.with_name("load.png"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             indent=2,
         )
     )
-    print(f"\nwrote {args.out}" + (f" and {png}" if png else " (no PNG: pip install '.[bench]')"))
+    charts = " and ".join(str(p) for p in (png, load_png) if p)
+    print(f"\nwrote {args.out} and " + (charts or "no PNG (pip install '.[bench]')"))
     print(f"duration {duration:.0f} s ({runs} run{'s' if runs > 1 else ''})")
 
 

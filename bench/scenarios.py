@@ -49,6 +49,9 @@ class Sizes:
     api_workers_tokens: int = 100  # at concurrent_tps: 5 s streams, 15 s a path
     burst_streams: int = 100
     burst_rounds: int = 5
+    realistic_levels: tuple[int, ...] = (100, 250, 500, 1000)
+    realistic_tps: float = 50.0
+    realistic_tokens: int = 150  # at 50 tokens/s: 3 s streams
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -64,6 +67,8 @@ class Sizes:
             limiter_latency_samples=500,
             api_workers_tokens=40,
             burst_rounds=2,
+            realistic_levels=(100, 250),
+            realistic_tokens=100,
         )
 
 
@@ -188,6 +193,95 @@ async def concurrent(h: Harness, sizes: Sizes) -> Measured:
         ttfts[path] = [s.ttft_s for s in steady]
     _added(figures)
     return Measured(figures, ttfts)
+
+
+REALISTIC_PATHS = ("upstream", "direct", "resumable")
+
+
+async def realistic(h: Harness, sizes: Sizes) -> Measured:
+    """Real token rates: streams at 50 tokens/s (every token its own upstream event),
+    arriving at random (Poisson) at the rate that keeps N in flight, N rising level by
+    level. At each level, for two lifetimes of a stream: added TTFT of the streams that
+    started while N were running, text events delivered per second, and sserelay's CPU
+    (per second of wall time and per event). Every stream's text is checked."""
+    tokens, tps = sizes.realistic_tokens, sizes.realistic_tps
+    await h.shape(tokens=tokens, tps=tps, batch=1)
+    want = expected_text(tokens)
+    lifetime = tokens / tps
+    figures: Figures = {path: {"levels": []} for path in REALISTIC_PATHS}
+    ttfts: dict[str, list[float]] = {}
+    rng = random.Random(15)
+    for n in sizes.realistic_levels:
+        # The same arrival times on every path: what differs is only what serves them.
+        arrivals, at = [], 0.0
+        while at < 2 * lifetime:
+            arrivals.append(at)
+            at += rng.expovariate(n / lifetime)
+        for path in REALISTIC_PATHS:
+            await h.one(path, tokens)
+            level = await _realistic_level(h, path, arrivals, lifetime, tokens, want)
+            level["in_flight"] = n
+            figures[path]["levels"].append(level)
+            if n == sizes.realistic_levels[-1]:
+                ttfts[path] = level.pop("_ttfts")
+            else:
+                level.pop("_ttfts")
+            if path != "upstream":
+                await h.settle(timeout=120)
+    for path in REALISTIC_PATHS:
+        top = figures[path]["levels"][-1]
+        figures[path].update({k: v for k, v in top.items()})
+        figures[path]["intact"] = all(x["intact"] for x in figures[path]["levels"])
+    base = figures["upstream"]
+    for path in ("direct", "resumable"):
+        for level, ref in zip(figures[path]["levels"], base["levels"], strict=True):
+            for q in ("p50", "p99"):
+                level[f"added_{q}_ms"] = round(level[f"ttft_{q}_ms"] - ref[f"ttft_{q}_ms"], 3)
+        for q in ("p50", "p99"):
+            figures[path][f"added_{q}_ms"] = figures[path]["levels"][-1][f"added_{q}_ms"]
+    return Measured(figures, ttfts)
+
+
+async def _realistic_level(
+    h: Harness, path: str, arrivals: list[float], lifetime: float, tokens: int, want: str
+) -> dict[str, Any]:
+    samples: list[Sample | None] = [None] * len(arrivals)
+    failed = 0
+    cpu, own = h.relay_cpu, own_cpu_seconds()
+    t0 = time.perf_counter()
+
+    async def run(i: int, at: float) -> None:
+        nonlocal failed
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        try:
+            samples[i] = await h.one(path, tokens)
+        except (OSError, RuntimeError):
+            failed += 1  # refused or cut: counted, and the level is not intact
+
+    await asyncio.gather(*(run(i, at) for i, at in enumerate(arrivals)))
+    wall = time.perf_counter() - t0
+    done = [s for s in samples if s is not None]
+    pairs = zip(samples, arrivals, strict=True)
+    steady = [s for s, at in pairs if s is not None and at >= lifetime]
+    events = sum(s.events for s in done)
+    relayed = sum(len(s.text) > 0 for s in done) * tokens
+    level: dict[str, Any] = {
+        **_ttft_figures(steady),
+        "streams": len(done),
+        "failed": failed,
+        "intact": failed == 0 and all(s.text == want for s in done),
+        "wall_s": round(wall, 2),
+        "text_events_per_s": round(events / wall),
+        "tokens_per_event": round(relayed / events, 2) if events else None,
+        "load_generator_cpu_util": round((own_cpu_seconds() - own) / wall, 2),
+        "_ttfts": [s.ttft_s for s in steady],
+    }
+    if path != "upstream":
+        used = h.relay_cpu - cpu
+        level["sserelay_cpu_util"] = round(used / wall, 2)
+        level["sserelay_cpu_s_per_1k_tokens"] = round(used / relayed * 1000, 4) if relayed else None
+        level["sserelay_cpu_us_per_event"] = round(used / events * 1e6, 1) if events else None
+    return level
 
 
 async def saturation(h: Harness, sizes: Sizes) -> Measured:

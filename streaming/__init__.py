@@ -17,6 +17,7 @@ from .events import PING_FRAME, Event, EventEncoder, encode_data, retry_frame
 from .jobs import Job, JobQueue, MemoryJobQueue, QueueError, RedisJobQueue
 from .log import LogWriter, MemoryStreamLog, RedisStreamLog, StreamInfo, StreamLog, StreamStatus
 from .manager import StreamManager
+from .pacing import Pacer
 from .pipeline import Generation, Meter, Outcome, PipelineOptions, Resume, coalesce, meter
 from .providers import (
     AnthropicProvider,
@@ -54,6 +55,7 @@ __all__ = [
     "Meter",
     "OpenAIProvider",
     "Outcome",
+    "Pacer",
     "PipelineOptions",
     "Pricing",
     "Provider",

@@ -21,6 +21,7 @@ from ._exceptions import UpstreamError
 from .chunks import Attempt, Chunk, Stop, TextDelta, Usage
 from .events import Event, EventEncoder
 from .log.base import StreamStatus
+from .pacing import Pacer
 from .providers.base import GenerationRequest, Provider, estimate_tokens
 from .targets import Pricing, Target
 from .upstream import UpstreamObserver, UpstreamPolicy, pump
@@ -78,6 +79,22 @@ class Mailbox(Generic[T]):
             finally:
                 self._space = None
 
+    async def wait(self, deadline: float) -> bool:
+        """Wait until there is an item or the loop's clock reaches `deadline`; whether
+        there is one. What `asyncio.timeout` around `get` does, without cancelling
+        anything (a timer and a future, once per held delta on every stream)."""
+        if self._head != len(self._items):
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(deadline, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+        return self._head != len(self._items)
+
     async def get(self) -> T:
         while self._head == len(self._items):
             self._waiter = asyncio.get_running_loop().create_future()
@@ -102,10 +119,18 @@ class Mailbox(Generic[T]):
         return item
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:
     coalesce_window_s: float = 0.01
     coalesce_max_chars: int = 2048
+    pacer: Pacer | None = None
+    """Widens the coalescing window as the process gets busy (None: it stays at
+    `coalesce_window_s`)."""
     progress_interval_s: float = 0.25
     upstream: UpstreamPolicy = field(default_factory=UpstreamPolicy)
     buffer_bytes: int = 1_048_576
@@ -115,39 +140,32 @@ class PipelineOptions:
 
 
 async def coalesce(
-    queue: Mailbox[Chunk | Attempt | BaseException], window_s: float, max_chars: int
+    queue: Mailbox[Chunk | Attempt | BaseException],
+    window_s: float | Callable[[], float],
+    max_chars: int,
 ) -> AsyncIterator[Item]:
     """Merge text that arrives close together into one delta.
 
     The first text after a quiet spell goes out at once (time to first token is never
-    delayed); text arriving within `window_s` of the previous delta is held and merged,
+    delayed); text arriving within the window of the previous delta is held and merged,
     so a fast provider yields at most one delta per window instead of one per token.
-    Anything else (usage, stop, an error) flushes held text first, so text received
-    before a failure is always delivered.
+    `window_s` is a number, or a function asked at each delta (a `Pacer`'s window,
+    which widens as the process gets busy). Anything else (usage, stop, an error)
+    flushes held text first, so text received before a failure is always delivered.
     """
     loop = asyncio.get_running_loop()
+    window = window_s if callable(window_s) else (lambda: window_s)
     parts: list[str] = []
     tokens = size = 0
     hold_until = 0.0
     while True:
-        item: Chunk | Attempt | BaseException | None
-        if parts and queue.empty():
-            item = None
-            delay = hold_until - loop.time()
-            if delay > 0:
-                try:
-                    async with asyncio.timeout(delay):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = None
-            if item is None:
-                yield TextDelta("".join(parts), tokens)
-                parts.clear()
-                tokens = size = 0
-                hold_until = loop.time() + window_s
-                continue
-        else:
-            item = await queue.get()
+        if parts and queue.empty() and not await queue.wait(hold_until):
+            yield TextDelta("".join(parts), tokens)
+            parts.clear()
+            tokens = size = 0
+            hold_until = loop.time() + window()
+            continue
+        item = await queue.get()
         if isinstance(item, TextDelta):
             parts.append(item.text)
             tokens += item.tokens
@@ -156,7 +174,7 @@ async def coalesce(
                 yield TextDelta("".join(parts), tokens)
                 parts.clear()
                 tokens = size = 0
-                hold_until = loop.time() + window_s
+                hold_until = loop.time() + window()
             continue
         if parts:
             yield TextDelta("".join(parts), tokens)
@@ -486,7 +504,9 @@ class Generation:
         queue: Mailbox[Chunk | Attempt | BaseException] = Mailbox(self.options.buffer_bytes)
         task = asyncio.create_task(self._pump(queue))
         try:
-            items = coalesce(queue, self.options.coalesce_window_s, self.options.coalesce_max_chars)
+            options = self.options
+            window = options.pacer.window_s if options.pacer else options.coalesce_window_s
+            items = coalesce(queue, window, options.coalesce_max_chars)
             parts = self.parts
             async for group in meter(
                 items, self.meter, self.clock, self.observer, self._on_attempt

@@ -479,3 +479,20 @@ async def test_feedback_and_export_end_to_end(
     # Stored as hashes only: the prompt itself is nowhere in the record.
     assert record["input"].startswith("sha256:") and "rate me" not in json.dumps(record)
     assert record["output"].startswith("sha256:")
+
+
+async def test_the_coalescing_window_and_the_process_load_are_exported(
+    config_path: Path, client: httpx.AsyncClient
+) -> None:
+    """Idle, the window is the configured floor; the pacer samples on its own."""
+    settings = relay_settings(config_path).model_copy(
+        update={"coalesce_ms": 20, "coalesce_max_ms": 80}
+    )
+    server = ServerThread(settings)
+    try:
+        scrape = (await client.get(server.url + "/metrics")).text
+        assert _value(scrape, "sserelay_coalesce_window_seconds") == pytest.approx(0.02, abs=0.01)
+        busy = _value(scrape, "sserelay_process_busy_ratio")
+        assert busy is not None and busy >= 0
+    finally:
+        server.stop()
