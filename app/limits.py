@@ -67,7 +67,12 @@ def stash(scope: Scope, decision: Decision | None) -> None:
 
 async def report(services: Services, caller: Principal) -> Decision | None:
     """The caller's current state; None if the limiter is down (the headers are then
-    left out, and the request goes on: reporting must not fail a request)."""
+    left out, and the request goes on: reporting must not fail a request). Within
+    `SSERELAY_RATELIMIT_REPORT_REUSE_S` of an admission of the same caller here, that
+    admission's decision (`ratelimit.recent`)."""
+    recent = services.recent.get(caller.subject)
+    if recent is not None:
+        return recent
     try:
         return await current(services, caller)
     except LimiterUnavailable as exc:
@@ -106,6 +111,7 @@ async def admit(
         raise
     services.metrics.limiter_decision(caller.plan, decision)
     if decision.allowed:
+        services.recent.put(caller.subject, decision)
         return decision
     raise refusal(decision)
 

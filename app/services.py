@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from auth import ApiKeys, TicketService, TokenVerifier
-from ratelimit import Limiter
+from ratelimit import Limiter, RecentDecisions
 from streaming import JobQueue, PipelineOptions, Provider, StreamLog, StreamManager
 
 from .accounting import StreamAccounting
@@ -38,6 +38,9 @@ class Services:
     options: PipelineOptions
     metrics: Metrics
     limiter: Limiter
+    recent: RecentDecisions
+    """Each caller's latest admission here, for the rate-limit headers of a request
+    that follows at once (a stream's reader after its POST)."""
     records: RecordStore
     accounting: StreamAccounting
     cache: ResponseCache

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     a retryable `stream_lost` error instead of being continued again."""
     supervisor_tick_s: float = Field(default=1.0, gt=0)
     progress_interval_ms: int = Field(default=250, ge=10)
+    ratelimit_report_reuse_s: float = Field(default=1.0, ge=0, le=60)
+    """How long an admission's rate-limit state stands in for the limiter's answer on
+    this caller's next requests that only report it (0: always ask)."""
     coalesce_ms: float = Field(default=10, ge=0)
     """How long text may be held to merge it with what follows, when the process is idle."""
     coalesce_max_ms: float = Field(default=50, ge=0)

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 
 from auth import ApiKeys, MemoryApiKeyStore, RedisApiKeyStore
-from ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from ratelimit import Limiter, MemoryLimiter, RecentDecisions, RedisLimiter
 from streaming import (
     AnthropicProvider,
     JobQueue,
@@ -197,6 +197,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
         options=pipeline_options(settings),
         metrics=metrics,
         limiter=limiter,
+        recent=RecentDecisions(settings.ratelimit_report_reuse_s),
         records=records,
         accounting=accounting,
         cache=cache,

@@ -5,6 +5,7 @@ from ._exceptions import LimiterUnavailable, RateLimitError
 from .base import Decision, Demand, Limiter, Reservation
 from .memory import MemoryLimiter
 from .plans import CustomLimit, Plan
+from .recent import RecentDecisions
 from .redis import RedisLimiter
 from .windows import NANO_USD, WindowLimit, WindowState, evaluate
 
@@ -18,6 +19,7 @@ __all__ = [
     "MemoryLimiter",
     "Plan",
     "RateLimitError",
+    "RecentDecisions",
     "RedisLimiter",
     "Reservation",
     "WindowLimit",

@@ -17,21 +17,34 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from ..events import Event
+
+_Item = tuple[str, Sequence[Event], int, "asyncio.Future[None]"]
+"""One append: the stream's id, its events, the writer's epoch, and who waits for it."""
 
 Queue = Callable[[Any, str, Sequence[Event], int], None]
 """Adds one stream's commands (its id, its events, the writer's epoch) to a pipeline."""
 
 
 class Appender:
-    def __init__(self, client: aioredis.Redis, queue: Queue, *, in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        queue: Queue,
+        *,
+        in_flight: int = 2,
+        on_noscript: Callable[[], None] | None = None,
+    ) -> None:
         """At most `in_flight` pipelines on the wire at once, so one slow reply does not
-        hold every stream."""
+        hold every stream. An append refused with `NOSCRIPT` did not run: it is sent once
+        more after `on_noscript()` (which has the next pipeline load its scripts)."""
         self._client = client
         self._queue_commands = queue
+        self._on_noscript = on_noscript
         self._capacity = in_flight
-        self._waiting: list[tuple[str, Sequence[Event], int, asyncio.Future[None]]] = []
+        self._waiting: list[_Item] = []
         self._sending = 0  # counted in the sender itself: a done-callback would lag a turn
         self._senders: set[asyncio.Task[None]] = set()  # running tasks must be referenced
 
@@ -56,9 +69,7 @@ class Appender:
         finally:
             self._sending -= 1
 
-    async def _send(
-        self, batch: list[tuple[str, Sequence[Event], int, asyncio.Future[None]]]
-    ) -> None:
+    async def _send(self, batch: list[_Item], retry: bool = True) -> None:
         spans: list[int] = []
         try:
             async with self._client.pipeline(transaction=True) as pipe:
@@ -73,12 +84,20 @@ class Appender:
                     future.set_exception(exc)
             return
         start = 0
-        for (_, _, _, future), span in zip(batch, spans, strict=True):
+        again = []
+        for item, span in zip(batch, spans, strict=True):
+            future = item[3]
             errors = [r for r in replies[start : start + span] if isinstance(r, Exception)]
             start += span
             if future.done():
                 continue
-            if errors:
+            if errors and retry and all(isinstance(e, NoScriptError) for e in errors):
+                again.append(item)
+            elif errors:
                 future.set_exception(errors[0])
             else:
                 future.set_result(None)
+        if again:
+            if self._on_noscript is not None:
+                self._on_noscript()
+            await self._send(again, retry=False)

@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .._exceptions import StreamFenced, StreamLogError
 from ..events import Event
@@ -69,7 +69,8 @@ class RedisStreamLog(StreamLog):
         self._live_ms = int((ttl_s + max_duration_s) * 1000)
         self._ttl_ms = int(ttl_s * 1000)
         self._tailer = Tailer(tail, client, _parse)
-        self._appender = Appender(client, self._queue_append)
+        self._scripts = _Scripts()
+        self._appender = Appender(client, self._queue_append, on_noscript=self._scripts.forget)
         self._local: dict[str, _Local] = {}
         self._append = _script(client, "append.lua")
         self._take = _script(client, "take.lua")
@@ -163,7 +164,7 @@ class RedisStreamLog(StreamLog):
         args: list[Any] = [epoch, self.max_events, live]
         for event in events:
             args += (event.id, event.name, event.data, event.tokens)
-        _queue_script(
+        self._scripts.queue(
             pipe, self._append, [self._key(stream_id, "ev"), self._key(stream_id, "m")], args
         )
 
@@ -267,11 +268,18 @@ class RedisStreamLog(StreamLog):
             return {}
         lease_ms = int(lease_s * 1000)
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for stream_id, epoch in streams.items():
-                    keys = [self._key(stream_id, k) for k in ("ls", "m", "cx", "rd")]
-                    _queue_script(pipe, self._renew, keys, [epoch, lease_ms])
-                replies = await pipe.execute()
+            for _ in range(2):  # once more, checked, after a NOSCRIPT (renewing is idempotent)
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for stream_id, epoch in streams.items():
+                        keys = [self._key(stream_id, k) for k in ("ls", "m", "cx", "rd")]
+                        self._scripts.queue(pipe, self._renew, keys, [epoch, lease_ms])
+                    replies = await pipe.execute(raise_on_error=False)
+                if not any(isinstance(r, NoScriptError) for r in replies):
+                    break
+                self._scripts.forget()
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         except RedisError as exc:
             raise StreamLogError(f"cannot renew streams: {exc}") from exc
         controls = {}
@@ -295,11 +303,30 @@ def _script(client: aioredis.Redis, name: str) -> Any:
     return client.register_script(resources.files(__package__).joinpath(name).read_text())
 
 
-def _queue_script(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-    """Queue a script call on a pipeline without awaiting it (the pipeline loads its
-    scripts before it runs: EVALSHA never meets a NOSCRIPT)."""
-    pipe.scripts.add(script)
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+class _Scripts:
+    """The scripts this Redis is known to have.
+
+    redis-py checks every script a pipeline carries before running it (`SCRIPT EXISTS`),
+    a round trip of its own on every pipeline: one more per batch of appends, which is
+    one more per event on a quiet process. Here a script is checked by the first
+    pipeline that carries it, and again only after a `NOSCRIPT` (Redis restarted, or
+    its scripts were flushed). A call refused with `NOSCRIPT` did not run, so its
+    caller sends it again, checked this time (`forget`)."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+
+    def queue(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+        """Queue a script call on a pipeline without awaiting it."""
+        if script.sha not in self._known:
+            pipe.scripts.add(script)  # checked (and loaded if need be) before it runs
+            self._known.add(script.sha)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+    def forget(self) -> None:
+        self._known.clear()
 
 
 def _fenced(exc: BaseException) -> bool:

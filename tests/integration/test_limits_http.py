@@ -104,6 +104,35 @@ async def test_every_v1_response_carries_the_fields(
         await collect(response)
 
 
+async def test_a_streams_reader_reports_its_admission_without_asking_again(
+    limited: ServerThread, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST then GET of the events URL is how every EventSource client opens a stream:
+    the GET's rate-limit fields come from the POST's admission (a second old at most),
+    not from another limiter round trip. Later, the limiter is asked again."""
+    services = limited.services
+    asked: list[str] = []
+    usage = services.limiter.usage
+
+    async def counted(subject: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(subject)
+        return await usage(subject, *args, **kwargs)
+
+    monkeypatch.setattr(services.limiter, "usage", counted)
+    headers = who("rpm3")
+    posted = await client.post(limited.url + "/v1/streams", json=BODY, headers=headers)
+    async with client.stream("GET", limited.url + posted.json()["events_url"]) as response:
+        assert response.headers["ratelimit"] == posted.headers["ratelimit"]
+        assert '"requests_per_minute";r=2;' in response.headers["ratelimit"]
+        await collect(response)
+    assert asked == []
+    monkeypatch.setattr(services.recent, "max_age_s", 0.2)
+    await asyncio.sleep(0.3)
+    r = await client.get(limited.url + "/v1/models", headers=headers)
+    assert '"requests_per_minute";r=2;' in r.headers["ratelimit"]
+    assert len(asked) == 1
+
+
 async def _usage(
     client: httpx.AsyncClient, server: ServerThread, headers: dict[str, str]
 ) -> dict[str, Any]:

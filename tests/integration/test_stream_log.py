@@ -399,3 +399,42 @@ async def test_concurrent_appends_share_transactions_and_fail_alone(redis_url: s
             assert await log.read(info.id, 0) == _events(3)
         assert await log.read(infos[0].id, 0) == _events(3)
         assert max(sent) > 1 and sum(sent) == 1 + 40 and len(sent) < 1 + 40
+
+
+async def _script_checks(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_scripts_are_checked_once_not_on_every_pipeline(redis_url: str) -> None:
+    """redis-py checks a pipeline's scripts (SCRIPT EXISTS, a round trip) before every
+    run; the log checks each once, and again only after Redis lost them."""
+    async with _redis_log(redis_url) as log:
+        admin = aioredis.Redis.from_url(redis_url)
+        info = _info()
+        await log.create(info, reader_grace_s=5, lease_s=5)
+        await log.append(info.id, _events(1))
+        await log.renew({info.id: 1}, 5)
+        before = await _script_checks(admin)
+        for i in range(2, 12):
+            await log.append(info.id, _events(1, start=i - 1))
+            await log.renew({info.id: 1}, 5)
+        assert await _script_checks(admin) == before  # twenty pipelines, no check
+        # Redis lost its scripts (a restart, SCRIPT FLUSH): the refused calls did not
+        # run, and go again, loaded: every event once, in order, and the lease kept.
+        await admin.script_flush()
+        await log.append(info.id, _events(1, start=11))
+        await admin.script_flush()
+        assert (await log.renew({info.id: 1}, 5))[info.id].owned
+        others = [_info() for _ in range(5)]
+        for other in others:
+            await log.create(other, reader_grace_s=5, lease_s=5)
+        await admin.script_flush()
+        await asyncio.gather(  # appends sharing a transaction, all refused, all sent again
+            log.append(info.id, _events(2, start=12)),
+            *(log.append(other.id, _events(3)) for other in others),
+        )
+        assert [e.id for e in await log.read(info.id, 0)] == list(range(1, 15))
+        for other in others:
+            assert await log.read(other.id, 0) == _events(3)
+        await admin.aclose()
