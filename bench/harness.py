@@ -61,6 +61,40 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it (`sserelay serve --workers N`: the supervisor and
+    its workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass  # exited meanwhile
+        i += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for each in process_tree(pid):
+        try:
+            total += cpu_seconds(each)
+        except OSError:
+            pass
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    total = 0
+    for each in process_tree(pid):
+        try:
+            total += rss_bytes(each)
+        except (OSError, RuntimeError):
+            pass
+    return total
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -75,8 +109,11 @@ def raise_fd_limit() -> int:
 
 
 class Harness:
-    def __init__(self, logs: Path, *, redis: bool = True) -> None:
+    def __init__(self, logs: Path, *, redis: bool = True, relay_workers: int = 1) -> None:
+        """`relay_workers` > 1: `sserelay serve --workers N` (N processes behind one
+        listening socket); CPU and memory are then summed over all of them."""
         self.logs = logs
+        self.relay_workers = relay_workers
         self.use_redis = redis
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: RedisServer | None = None
@@ -128,7 +165,10 @@ class Harness:
             env["SSERELAY_REDIS_URL"] = self.redis.url
         self.relay_port = free_port()
         env["SSERELAY_PORT"] = str(self.relay_port)
-        self.relay = self._spawn("sserelay", [sys.executable, "-m", "app.cli", "serve"], env)
+        serve = [sys.executable, "-m", "app.cli", "serve"]
+        if self.relay_workers > 1:
+            serve += ["--workers", str(self.relay_workers)]
+        self.relay = self._spawn("sserelay", serve, env)
         wait_http(f"http://127.0.0.1:{self.relay_port}")
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -169,10 +209,14 @@ class Harness:
 
     @property
     def relay_cpu(self) -> float:
+        if self.relay_workers > 1:
+            return tree_cpu_seconds(self.relay.pid)
         return cpu_seconds(self.relay.pid)
 
     @property
     def relay_rss(self) -> int:
+        if self.relay_workers > 1:
+            return tree_rss_bytes(self.relay.pid)
         return rss_bytes(self.relay.pid)
 
     async def shape(self, **behaviour: Any) -> None:

@@ -108,9 +108,83 @@ BUDGET = (
 )
 
 
-def budget_rows(results: Results) -> list[dict[str, Any]]:
+def _pair(scenario: str, figure: str, fmt: str) -> Callable[[Results], str]:
+    def measured(r: Results) -> str:
+        direct, resumable = (_get(r, scenario, p, figure) for p in ("direct", "resumable"))
+        return f"{direct:{fmt}} / {resumable:{fmt}}"
+
+    return measured
+
+
+def _both(scenario: str, figure: str, direct: float, resumable: float) -> Callable[[Results], bool]:
+    return lambda r: (
+        _get(r, scenario, "direct", figure) <= direct
+        and _get(r, scenario, "resumable", figure) <= resumable
+    )
+
+
+def _realistic_top(r: Results) -> str:
+    top = r.get("realistic", {}).get("resumable", {})
+    return (
+        f"p99 {top.get('added_p99_ms', float('nan')):+.1f} ms at {top.get('in_flight')} x 50 "
+        f"tok/s, intact: {'yes' if top.get('intact') else 'NO'}"
+    )
+
+
+ROUND_TWO = (
+    Target(
+        "CPU per 20-token stream (its start and 20 events), direct / resumable",
+        "<= 0.4 / <= 0.7 ms (start)",
+        _pair("sequential", "sserelay_cpu_ms_per_stream", ".2f"),
+        _both("sequential", "sserelay_cpu_ms_per_stream", 0.4, 0.7),
+    ),
+    Target(
+        "added TTFT p50, one stream at a time, direct / resumable",
+        "<= 0.5 / <= 1.5 ms",
+        _pair("sequential", "added_p50_ms", "+.2f"),
+        _both("sequential", "added_p50_ms", 0.5, 1.5),
+    ),
+    Target(
+        "added TTFT p50, burst of 100 starts, direct / resumable",
+        "<= 40 / <= 80 ms",
+        _pair("burst", "added_p50_ms", "+.1f"),
+        _both("burst", "added_p50_ms", 40, 80),
+    ),
+    Target(
+        "CPU per text event at 50 tok/s, top load, direct / resumable",
+        "<= 20 / <= 35 us",
+        _pair("realistic", "sserelay_cpu_us_per_event", ".0f"),
+        _both("realistic", "sserelay_cpu_us_per_event", 20, 35),
+    ),
+    Target(
+        "1,000 resumable streams at 50 tok/s, one process",
+        "added TTFT p99 <= 25 ms, intact",
+        _realistic_top,
+        lambda r: (
+            _get(r, "realistic", "resumable", "in_flight") >= 1000
+            and _get(r, "realistic", "resumable", "added_p99_ms") <= 25
+            and _get(r, "realistic", "resumable", "intact") is True
+        ),
+    ),
+    Target(
+        "RSS per open idle stream",
+        "<= 20 KB",
+        lambda r: f"{_get(r, 'open_streams', 'max', 'rss_per_stream_kb'):.1f} KB",
+        lambda r: _get(r, "open_streams", "max", "rss_per_stream_kb") <= 20,
+    ),
+    Target(
+        "limiter p99 at a steady 10,000 decisions/s",
+        "<= 1 ms",
+        lambda r: f"{_get(r, 'limiter', 'redis', 'decision_p99_ms'):.2f} ms",
+        lambda r: _get(r, "limiter", "redis", "decision_p99_ms") <= 1,
+    ),
+)
+"""The second round's targets (per stream and per event, at real token rates)."""
+
+
+def budget_rows(results: Results, targets: Sequence[Target] = BUDGET) -> list[dict[str, Any]]:
     rows = []
-    for target in BUDGET:
+    for target in targets:
         try:
             measured, met = target.measured(results), bool(target.met(results))
         except (TypeError, ValueError):
@@ -132,10 +206,12 @@ def _fmt(value: Any) -> str:
 
 
 def table(results: Results) -> str:
-    lines = ["", "budget"]
-    for row in budget_rows(results):
-        mark = "met" if row["met"] else "MISSED"
-        lines.append(f"  {row['figure']:<50} {row['target']:<36} {row['measured']}  [{mark}]")
+    lines = []
+    for title, targets in (("budget", BUDGET), ("round two", ROUND_TWO)):
+        lines += ["", title]
+        for row in budget_rows(results, targets):
+            mark = "met" if row["met"] else "MISSED"
+            lines.append(f"  {row['figure']:<50} {row['target']:<36} {row['measured']}  [{mark}]")
     for scenario, paths in results.items():
         lines += ["", scenario]
         for path, figures in paths.items():

@@ -38,7 +38,7 @@ SCENARIOS = (
 async def one_run(
     args: argparse.Namespace, sizes: scenarios.Sizes, fd_limit: int, ttfts: dict[str, Any]
 ) -> report.Results:
-    harness = Harness(args.out.parent / "logs", redis=True)
+    harness = Harness(args.out.parent / "logs", redis=True, relay_workers=args.relay_workers)
     harness.start()
     # The generator's own full collections would show up as latency on every path.
     gc.collect()
@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=SCENARIOS,
         help="run only these (repeatable)",
     )
+    parser.add_argument(
+        "--relay-workers",
+        type=int,
+        default=1,
+        help="run sserelay as `serve --workers N` (N processes; CPU and RSS summed)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     args.scenarios = args.scenarios or list(SCENARIOS)
@@ -101,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
                 "runs": runs,
                 "machine": describe_machine(),
                 "open_files_hard_limit": fd_limit,
+                "relay_workers": args.relay_workers,
                 "budget": report.budget_rows(results),
+                "round_two": report.budget_rows(results, report.ROUND_TWO),
                 "results": results,
                 "each_run": all_runs,
                 "ttft_s": ttfts,  # every sample the chart shows, to redraw or compare

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.report import budget_rows, median_of, table
+from bench.report import ROUND_TWO, budget_rows, median_of, table
 
 
 def _run(added_p50: float, intact: bool, tokens_per_cpu_s: int) -> dict:
@@ -42,3 +42,23 @@ def test_budget_verdicts_and_missing_figures() -> None:
     assert rows["added time to first delta, single stream"]["met"] is False
     assert rows["relayed tokens/s, one process, direct"]["met"] is False
     assert "MISSED" in table(median_of([_run(1.5, True, 80_000)]))
+
+
+def test_round_two_verdicts_need_both_routes_and_the_full_load() -> None:
+    run = {
+        "sequential": {
+            "direct": {"sserelay_cpu_ms_per_stream": 0.3, "added_p50_ms": 0.4},
+            "resumable": {"sserelay_cpu_ms_per_stream": 0.9, "added_p50_ms": 1.0},
+        },
+        "realistic": {
+            "resumable": {"in_flight": 250, "added_p99_ms": 10.0, "intact": True},
+        },
+    }
+    rows = {r["figure"]: r for r in budget_rows(median_of([run]), ROUND_TWO)}
+    cpu = rows["CPU per 20-token stream (its start and 20 events), direct / resumable"]
+    assert cpu["met"] is False and cpu["measured"] == "0.30 / 0.90"
+    assert rows["added TTFT p50, one stream at a time, direct / resumable"]["met"] is True
+    # Met at 250 streams is not met at 1,000.
+    assert rows["1,000 resumable streams at 50 tok/s, one process"]["met"] is False
+    assert rows["limiter p99 at a steady 10,000 decisions/s"]["met"] is False  # not measured
+    assert "round two" in table(median_of([run]))
