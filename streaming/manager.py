@@ -278,7 +278,7 @@ def resume_point(info: StreamInfo, events: list[Event], now: float) -> Resume:
             output, chars_after = int(data["output_tokens"]), 0
             percent = float(data.get("percent") or 0.0)
         elif event.name == "delta":
-            text = event.json()["text"]
+            text = event.text
             parts.append(text)
             if event.tokens:  # counted as it was written
                 output, chars_after = event.tokens, 0

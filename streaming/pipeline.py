@@ -517,9 +517,11 @@ class Generation:
                         parts.append(data["text"])
                     if name == "done":
                         self.end("done", stop_reason=data["stop_reason"])
-                    batch.append(
-                        encode(name, data, self.meter.output_tokens if name == "delta" else 0)
-                    )
+                    if name == "delta":
+                        delta = encode.delta(data["text"], data["index"], self.meter.output_tokens)
+                        batch.append(delta)
+                    else:
+                        batch.append(encode(name, data))
                 yield batch
         except UpstreamError as exc:
             yield [self.abort(exc.code, exc.message, retryable=exc.retryable)]

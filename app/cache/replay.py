@@ -93,7 +93,7 @@ class Replay:
             for piece in all_pieces[at : at + DELTAS_PER_BATCH]:
                 chars += len(piece)
                 self.sent_tokens = entry.output_tokens * chars // total_chars
-                batch.append(encode("delta", {"text": piece, "index": index}, self.sent_tokens))
+                batch.append(encode.delta(piece, index, self.sent_tokens))
                 index += utf16_len(piece)
                 self._sent.append(piece)
             if now >= next_progress:

@@ -59,7 +59,7 @@ class Transcript(abc.ABC):
         for event in batch:
             name = event.name
             if name == "delta":
-                text = event.json()["text"]
+                text = event.text
                 self.parts.append(text)
                 out.append(self.delta_frame(text))
                 continue
@@ -114,6 +114,15 @@ class Transcript(abc.ABC):
     @abc.abstractmethod
     def error_body(status: int, code: str, message: str) -> dict[str, Any]:
         """The body of an error response with `status`, in the dialect's shape."""
+
+
+def text_template(frame: bytes, marker: bytes) -> tuple[bytes, bytes]:
+    """`frame` (made with an empty text) cut around its text: what goes before and after
+    the JSON string. `marker` is the key and the empty string (`b'"text":""'`), found
+    once in the frame. Each delta's frame is then `before + json_string(text) + after`:
+    only the text is escaped, the rest of the chunk is encoded once per stream."""
+    at = frame.index(marker) + len(marker) - 2
+    return frame[:at], frame[at + 2 :]
 
 
 def data_frame(payload: dict[str, Any], event: str | None = None) -> bytes:
@@ -178,4 +187,13 @@ class Defaults:
                 raise unsupported(name)
 
 
-__all__ = ["Defaults", "Mapped", "Transcript", "data_frame", "only_keys", "text_of", "unsupported"]
+__all__ = [
+    "Defaults",
+    "Mapped",
+    "Transcript",
+    "data_frame",
+    "only_keys",
+    "text_of",
+    "text_template",
+    "unsupported",
+]

@@ -13,10 +13,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from streaming.events import json_string
+
 from ..body import validate
 from ..errors import ProblemError
 from ..schemas import CompletionRequest
-from . import Defaults, Mapped, Transcript, data_frame, only_keys, text_of
+from . import Defaults, Mapped, Transcript, data_frame, only_keys, text_of, text_template
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -119,14 +121,7 @@ class Message(Transcript):
         )
 
     def delta_frame(self, text: str) -> bytes:
-        return data_frame(
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": text},
-            },
-            "content_block_delta",
-        )
+        return _DELTA_BEFORE + json_string(text) + _DELTA_AFTER
 
     def done_frame(self) -> bytes:
         return (
@@ -172,3 +167,13 @@ class Message(Transcript):
     def error_body(status: int, code: str, message: str) -> dict[str, Any]:
         kind = _ERROR_TYPES.get(status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": message, "code": code}}
+
+
+# Every delta frame is the same but for its text: encoded once, the text escaped alone.
+_DELTA_BEFORE, _DELTA_AFTER = text_template(
+    data_frame(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ""}},
+        "content_block_delta",
+    ),
+    b'"text":""',
+)

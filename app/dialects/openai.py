@@ -14,10 +14,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from streaming.events import json_string
+
 from ..body import validate
 from ..errors import ProblemError
 from ..schemas import CompletionRequest
-from . import Defaults, Mapped, Transcript, data_frame, only_keys, text_of, unsupported
+from . import (
+    Defaults,
+    Mapped,
+    Transcript,
+    data_frame,
+    only_keys,
+    text_of,
+    text_template,
+    unsupported,
+)
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -146,6 +157,8 @@ def stream_options_without_stream(body: ChatCompletionRequest) -> bool:
 
 class ChatCompletion(Transcript):
     name = "openai"
+    _template: tuple[str, bytes, bytes] | None = None
+    """The stream's id, and its delta chunk before and after the text."""
 
     @property
     def id(self) -> str:
@@ -170,7 +183,11 @@ class ChatCompletion(Transcript):
         return self._chunk({"role": "assistant", "content": ""})
 
     def delta_frame(self, text: str) -> bytes:
-        return self._chunk({"content": text})
+        # The chunk names the stream, which is known from its start on: made once then.
+        if self._template is None or self._template[0] != self.stream_id:
+            before, after = text_template(self._chunk({"content": ""}), b'"content":""')
+            self._template = (self.stream_id, before, after)
+        return self._template[1] + json_string(text) + self._template[2]
 
     def _usage(self) -> dict[str, int]:
         return {

@@ -246,7 +246,7 @@ async def stream_status(request: Request) -> Response:
         for event in batch:
             after = event.id
             if event.name == "delta":
-                text.append(event.json()["text"])
+                text.append(event.text)
             elif event.name == "progress":
                 body["progress"] = event.json()
             elif event.name in ("done", "error"):
