@@ -70,7 +70,7 @@ async def report(services: Services, caller: Principal) -> Decision | None:
     left out, and the request goes on: reporting must not fail a request). Within
     `SSERELAY_RATELIMIT_REPORT_REUSE_S` of an admission of the same caller here, that
     admission's decision (`ratelimit.recent`)."""
-    recent = services.recent.get(caller.subject)
+    recent = services.recent.get(caller.subject, caller.plan)
     if recent is not None:
         return recent
     try:
@@ -110,8 +110,8 @@ async def admit(
         logger.error("rate limiter unavailable, refusing (fail-closed): %s", exc)
         raise
     services.metrics.limiter_decision(caller.plan, decision)
+    services.recent.put(caller.subject, caller.plan, decision)
     if decision.allowed:
-        services.recent.put(caller.subject, decision)
         return decision
     raise refusal(decision)
 

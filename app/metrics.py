@@ -256,13 +256,13 @@ class Metrics:
             "How long text may be held to merge it into one event now: the configured "
             "window when idle, wider as the process gets busy",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.process_busy = Gauge(
             "sserelay_process_busy_ratio",
             "Share of one CPU this process used over the last pacing sample",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.generations_active = Gauge(
             "sserelay_generations_active",

@@ -116,9 +116,17 @@ class Settings(BaseSettings):
     this caller's next requests that only report it (0: always ask)."""
     coalesce_ms: float = Field(default=10, ge=0)
     """How long text may be held to merge it with what follows, when the process is idle."""
-    coalesce_max_ms: float = Field(default=50, ge=0)
+    coalesce_max_ms: float | None = Field(default=None, ge=0)
     """How long at most, when the process is busy: the window widens from
-    `coalesce_ms` to this as the process's CPU use rises (equal to `coalesce_ms`: fixed)."""
+    `coalesce_ms` to this as the process's CPU use rises (equal to `coalesce_ms`: fixed).
+    Unset: 50, or 0 when `coalesce_ms` is 0 (coalescing off stays off)."""
+
+    @property
+    def coalesce_ceiling_ms(self) -> float:
+        if self.coalesce_max_ms is None:
+            return max(50.0, self.coalesce_ms) if self.coalesce_ms > 0 else 0.0
+        return max(self.coalesce_max_ms, self.coalesce_ms)
+
     coalesce_max_chars: int = Field(default=2048, ge=1)
     ping_interval_s: float = Field(default=15, gt=0)
     retry_ms: int = Field(default=1000, ge=0)

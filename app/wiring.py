@@ -74,10 +74,7 @@ def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provi
 def pipeline_options(settings: Settings) -> PipelineOptions:
     return PipelineOptions(
         coalesce_window_s=settings.coalesce_ms / 1000,
-        # A ceiling below the floor means a fixed window, as a ceiling equal to it does.
-        pacer=Pacer(
-            settings.coalesce_ms / 1000, max(settings.coalesce_max_ms, settings.coalesce_ms) / 1000
-        ),
+        pacer=Pacer(settings.coalesce_ms / 1000, settings.coalesce_ceiling_ms / 1000),
         coalesce_max_chars=settings.coalesce_max_chars,
         progress_interval_s=settings.progress_interval_ms / 1000,
         buffer_bytes=settings.send_buffer_bytes,

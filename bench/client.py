@@ -22,6 +22,8 @@ class Sample:
     text: str
     events: int = 0
     """Events that carried text (sserelay `delta`s, OpenAI chunks with content)."""
+    error: str | None = None
+    """The code of the error the stream ended with, if it ended with one."""
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -193,6 +195,7 @@ async def stream(
         raise RuntimeError(f"{path} answered {status}")
     ttft = None
     text: list[str] = []
+    error: str | None = None
     buffer = b""
     ended = False
     try:
@@ -204,12 +207,17 @@ async def stream(
                     if not frame.startswith(b"data: {"):
                         continue
                     chunk = json.loads(frame[6:])
+                    if "error" in chunk:
+                        error = str((chunk["error"] or {}).get("code"))
                     for choice in chunk.get("choices") or ():
                         piece = choice["delta"].get("content")
                         if piece:
                             text.append(piece)
                 elif frame.startswith(b"id: ") and b"\nevent: delta\n" in frame:
                     text.append(json.loads(frame.split(b"data: ", 1)[1])["text"])
+                elif b"event: error\n" in frame:
+                    error = str(json.loads(frame.split(b"data: ", 1)[1]).get("code"))
+                    continue
                 else:
                     continue
                 if ttft is None and text:
@@ -222,4 +230,4 @@ async def stream(
             pool.give((reader, writer), response_headers)
         else:
             writer.close()
-    return Sample(ttft if ttft is not None else float("nan"), "".join(text), len(text))
+    return Sample(ttft if ttft is not None else float("nan"), "".join(text), len(text), error)

@@ -170,6 +170,12 @@ class Harness:
             serve += ["--workers", str(self.relay_workers)]
         self.relay = self._spawn("sserelay", serve, env)
         wait_http(f"http://127.0.0.1:{self.relay_port}")
+        if self.relay_workers > 1:
+            deadline = time.monotonic() + 30
+            while len(process_tree(self.relay.pid)) <= self.relay_workers:
+                if time.monotonic() > deadline:  # CPU would be counted for some only
+                    raise RuntimeError(f"sserelay did not start {self.relay_workers} workers")
+                time.sleep(0.1)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # Each process's output goes to a log beside the results, for the post-mortem.

@@ -255,7 +255,7 @@ async def _realistic_level(
         await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
         try:
             samples[i] = await h.one(path, tokens)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError, EOFError):
             failed += 1  # refused or cut: counted, and the level is not intact
 
     await asyncio.gather(*(run(i, at) for i, at in enumerate(arrivals)))
@@ -265,10 +265,15 @@ async def _realistic_level(
     steady = [s for s, at in pairs if s is not None and at >= lifetime]
     events = sum(s.events for s in done)
     relayed = sum(len(s.text) > 0 for s in done) * tokens
+    errors: dict[str, int] = {}
+    for s in done:
+        if s.error is not None:
+            errors[s.error] = errors.get(s.error, 0) + 1
     level: dict[str, Any] = {
         **_ttft_figures(steady),
         "streams": len(done),
         "failed": failed,
+        "ended_in_error": errors,
         "intact": failed == 0 and all(s.text == want for s in done),
         "wall_s": round(wall, 2),
         "text_events_per_s": round(events / wall),

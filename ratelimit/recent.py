@@ -6,7 +6,9 @@ rate-limit headers as any other. Asking the limiter again for that GET costs a R
 script and a round trip on the production path of every EventSource client, for
 headers that EventSource cannot even read. The decision the POST just got says the same
 thing (what is left after it), so a report within `max_age_s` of a decision for the same
-caller on the same process uses it. Only reports: admission always asks the limiter.
+caller and plan on the same process uses it; a refusal is remembered too, so the next
+report never contradicts a 429 just given. Only reports: admission always asks the
+limiter.
 """
 
 from __future__ import annotations
@@ -31,23 +33,27 @@ class RecentDecisions:
         self.max_age_s = max_age_s
         self.max_entries = max_entries
         self._clock = clock
-        self._decisions: dict[str, tuple[float, Decision]] = {}
+        self._decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
 
-    def put(self, subject: str, decision: Decision) -> None:
+    def put(self, subject: str, plan: str, decision: Decision) -> None:
+        """The latest decision for `subject` under `plan` (a caller's API key and token
+        may carry different plans: each has its own state)."""
         if self.max_age_s <= 0:
             return
         decisions = self._decisions
-        decisions.pop(subject, None)  # re-inserted last: the dict stays oldest first
-        decisions[subject] = (self._clock(), decision)
+        key = (subject, plan)
+        decisions.pop(key, None)  # re-inserted last: the dict stays oldest first
+        decisions[key] = (self._clock(), decision)
         while len(decisions) > self.max_entries:
             del decisions[next(iter(decisions))]
 
-    def get(self, subject: str) -> Decision | None:
-        entry = self._decisions.get(subject)
+    def get(self, subject: str, plan: str) -> Decision | None:
+        key = (subject, plan)
+        entry = self._decisions.get(key)
         if entry is None:
             return None
         if self._clock() - entry[0] > self.max_age_s:
-            del self._decisions[subject]
+            del self._decisions[key]
             return None
         return entry[1]
 

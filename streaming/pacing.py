@@ -110,10 +110,10 @@ class Pacer:
         self, interval_s: float = 0.1, on_sample: Callable[[Pacer], None] | None = None
     ) -> None:
         """Sample every `interval_s` until cancelled (one task per process, whatever the
-        number of streams); `on_sample` is told after each (metrics)."""
-        if not self.adaptive:
-            return
+        number of streams); `on_sample` is told after each (metrics). A fixed window is
+        sampled too: the process's load is still worth showing."""
         loop = asyncio.get_running_loop()
+        self._last_wall, self._last_cpu = self._clock(), self._cpu()  # not startup's CPU
         while True:
             due = loop.time() + interval_s
             await asyncio.sleep(interval_s)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from app.settings import Settings
 from streaming import (
     Chunk,
     Generation,
@@ -88,10 +89,35 @@ def test_a_pacer_refuses_a_ceiling_below_its_floor() -> None:
         Pacer(0.01, 0.05, busy_low=0.9, busy_high=0.5)
 
 
-async def test_a_fixed_window_pacer_does_not_sample() -> None:
-    pacer = Pacer(0.01, 0.01)
-    assert not pacer.adaptive
-    await asyncio.wait_for(pacer.run(interval_s=0.001), 1)  # returns at once
+async def test_a_fixed_window_stays_fixed_and_the_load_is_still_measured() -> None:
+    clock = Clock()
+    pacer = _pacer(clock)
+    fixed = Pacer(0.01, 0.01, clock=lambda: clock.wall, cpu=lambda: clock.cpu)
+    assert pacer.adaptive and not fixed.adaptive
+    clock.run(0.1, busy=1.0)
+    assert fixed.sample() == 0.01 and fixed.busy == pytest.approx(1.0)
+
+
+def test_the_coalescing_ceiling_follows_the_settings() -> None:
+    assert Settings().coalesce_ceiling_ms == 50  # 10 ms idle, up to 50 busy
+    assert Settings(coalesce_ms=0).coalesce_ceiling_ms == 0  # off stays off
+    assert Settings(coalesce_ms=0, coalesce_max_ms=30).coalesce_ceiling_ms == 30
+    assert Settings(coalesce_ms=80).coalesce_ceiling_ms == 80  # never below the floor
+    assert Settings(coalesce_ms=20, coalesce_max_ms=5).coalesce_ceiling_ms == 20
+
+
+async def test_the_pacer_does_not_count_the_cpu_spent_before_it_runs() -> None:
+    clock = Clock()
+    pacer = _pacer(clock, smoothing=1.0)
+    clock.run(0.1, busy=10.0)  # startup: imports, config, clients
+    seen: list[float] = []
+    task = asyncio.create_task(pacer.run(0.01, on_sample=lambda p: seen.append(p.busy)))
+    try:
+        while not seen:
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+    assert seen[0] == 0.0  # no CPU used since it started
 
 
 async def test_the_running_pacer_reports_each_sample() -> None:
