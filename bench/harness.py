@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +76,13 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_sum(pid: int, read: Callable[[int], float]) -> float:
+    """`read` summed over `pid`'s process tree (a process that exited meanwhile counts
+    nothing)."""
     total = 0.0
     for each in process_tree(pid):
         try:
-            total += cpu_seconds(each)
-        except OSError:
-            pass
-    return total
-
-
-def tree_rss_bytes(pid: int) -> int:
-    total = 0
-    for each in process_tree(pid):
-        try:
-            total += rss_bytes(each)
+            total += read(each)
         except (OSError, RuntimeError):
             pass
     return total
@@ -215,15 +208,11 @@ class Harness:
 
     @property
     def relay_cpu(self) -> float:
-        if self.relay_workers > 1:
-            return tree_cpu_seconds(self.relay.pid)
-        return cpu_seconds(self.relay.pid)
+        return tree_sum(self.relay.pid, cpu_seconds)
 
     @property
     def relay_rss(self) -> int:
-        if self.relay_workers > 1:
-            return tree_rss_bytes(self.relay.pid)
-        return rss_bytes(self.relay.pid)
+        return int(tree_sum(self.relay.pid, rss_bytes))
 
     async def shape(self, **behaviour: Any) -> None:
         """What every upstream response looks like from now on (both paths ask the

@@ -40,7 +40,6 @@ class Pacer:
         "smoothing",
         "pressure",
         "busy",
-        "lag_s",
         "_clock",
         "_cpu",
         "_last_wall",
@@ -75,16 +74,10 @@ class Pacer:
         """0 (idle) to 1 (saturated), smoothed."""
         self.busy = 0.0
         """The share of one CPU the process used over the last sample."""
-        self.lag_s = 0.0
-        """How late the loop ran the last sample."""
         self._clock = clock
         self._cpu = cpu
         self._last_wall = clock()
         self._last_cpu = cpu()
-
-    @property
-    def adaptive(self) -> bool:
-        return self.ceiling_s > self.floor_s
 
     def window_s(self) -> float:
         return self.floor_s + (self.ceiling_s - self.floor_s) * self.pressure
@@ -97,9 +90,8 @@ class Pacer:
         if elapsed > 0:
             self.busy = (cpu - self._last_cpu) / elapsed
         self._last_wall, self._last_cpu = wall, cpu
-        self.lag_s = max(0.0, lag_s)
         by_cpu = (self.busy - self.busy_low) / (self.busy_high - self.busy_low)
-        by_lag = self.lag_s / self.lag_full_s if self.lag_full_s > 0 else 0.0
+        by_lag = max(0.0, lag_s) / self.lag_full_s if self.lag_full_s > 0 else 0.0
         now = min(1.0, max(0.0, by_cpu, by_lag))
         self.pressure += self.smoothing * (now - self.pressure)
         if self.pressure < 0.01:

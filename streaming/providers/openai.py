@@ -95,21 +95,19 @@ class OpenAIProvider:
                         continue
                     *lines, buffer = buffer.split(b"\n")
                     for line in lines:
-                        for chunk in reader.line(line.rstrip(b"\r")):
+                        for chunk in reader.line(line):
                             yield chunk
                         if reader.stop is not None:
                             await _finish_body(body)
                             yield reader.stop
                             return
-                if buffer:  # a last line without its newline
-                    for chunk in reader.line(buffer.rstrip(b"\r")):
-                        yield chunk
-                    if reader.stop is not None:
-                        yield reader.stop
-                        return
-                # The body ended without [DONE]: never pass a truncated answer off as
-                # complete.
-                raise _errors.dropped_error()
+                for chunk in reader.line(buffer):  # a last line without its newline
+                    yield chunk
+                if reader.stop is None:
+                    # The body ended without [DONE]: never pass a truncated answer off
+                    # as complete.
+                    raise _errors.dropped_error()
+                yield reader.stop
         except HTTPError as exc:
             if exc.mid_body:
                 raise _errors.dropped_error() from exc
@@ -169,6 +167,8 @@ class _Reader:
         """Set at `[DONE]`: the stream is complete."""
 
     def line(self, line: bytes) -> list[Chunk]:
+        """The chunks of one line (a `\\r` before its newline goes with the payload's
+        surrounding whitespace)."""
         if not line.startswith(b"data:"):
             return []  # comments, event names and blank separators carry nothing here
         payload = line[5:].strip()
