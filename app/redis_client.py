@@ -45,6 +45,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
+from .redis_mux import MultiplexedRedis
+
 __all__ = [
     "TAIL_BLOCK_S",
     "Breaker",
@@ -390,6 +392,7 @@ def redis_clients(
     pool_timeout_s: float = 1.0,
     breaker_open_s: float = 1.0,
     tail_timeout_s: float = TAIL_BLOCK_S + 2.0,
+    multiplex: bool = True,
 ) -> tuple[Redis, Redis, Breaker]:
     """The shared client, the tail client and the breaker they share.
 
@@ -402,6 +405,10 @@ def redis_clients(
       needs a fixed connection). Its socket timeout, `tail_timeout_s`, must exceed the
       longest block (`TAIL_BLOCK_S`); a timeout there is still a failure that opens the
       breaker.
+    * `multiplex` (the default): the shared client carries every command on one
+      connection (`app/redis_mux.py`: a fraction of the CPU per command, no waiting for
+      a free connection); `max_connections` and `pool_timeout_s` then bound only its
+      connecting. Off: a pool of up to `max_connections`, a command per checkout.
     * No client-side retries: a retry doubles the time to fail against a hung Redis,
       and the callers decide what a failure means.
 
@@ -420,10 +427,13 @@ def redis_clients(
         probe_timeout_s=connect_timeout_s + 2 * command_timeout_s,
     )
     common = _pool_options(breaker, connect_timeout_s, pool_timeout_s)
-    client = Redis.from_pool(  # from_pool: closing the client closes the pool
-        BreakerConnectionPool.from_url(
-            url, max_connections=max_connections, socket_timeout=command_timeout_s, **common
-        )
+    pool = BreakerConnectionPool.from_url(
+        url, max_connections=max_connections, socket_timeout=command_timeout_s, **common
+    )
+    client = (
+        MultiplexedRedis(pool, breaker=breaker, timeout_s=command_timeout_s)
+        if multiplex
+        else Redis.from_pool(pool)  # from_pool: closing the client closes the pool
     )
     return client, _single(url, tail_timeout_s, common), breaker
 

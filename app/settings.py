@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     """Redis for all shared state; None = in-memory stores (one process)."""
     redis_prefix: str = "sserelay:"
     redis_max_connections: int = Field(default=200, ge=2)
+    redis_multiplex: bool = True
+    """The shared Redis client carries every command on one connection, pipelined (a
+    fraction of the CPU per command); False: a pool of `redis_max_connections`, one
+    command per checkout."""
     redis_timeout_s: float = Field(default=1.0, gt=0)
     """How long one Redis command (or connecting, or waiting for a free connection) may
     take: a hung Redis costs a request this long, not a client's patience."""

@@ -109,6 +109,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
             connect_timeout_s=settings.redis_timeout_s,
             pool_timeout_s=settings.redis_timeout_s,
             breaker_open_s=settings.redis_breaker_open_s,
+            multiplex=settings.redis_multiplex,
         )
         stack.push_async_callback(client.aclose)
         stack.push_async_callback(tail.aclose)

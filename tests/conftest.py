@@ -8,6 +8,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from app.redis_client import redis_clients
 from testkit.fake_upstream import FakeUpstreamServer
 from testkit.servers import RedisServer, ServerThread
 from tests.support import relay_settings, write_config
@@ -29,11 +30,13 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    """The shared client as sserelay builds it (multiplexed, behind the breaker)."""
+    client, tail, _ = redis_clients(redis_url, max_connections=20)
     try:
         yield client
     finally:
         await client.aclose()
+        await tail.aclose()
 
 
 @pytest.fixture(scope="session")
