@@ -266,6 +266,10 @@ class MultiplexedRedis(Redis):
     to `breaker`); it carries no commands. `timeout_s`: how long a command may wait for
     its reply before Redis counts as hung."""
 
+    multiplexed = True
+    """Concurrent calls already share round trips: batching them again (the limiter's
+    `Pipeliner`) would only add a task and a queue."""
+
     def __init__(self, pool: ConnectionPool, *, breaker: Breaker, timeout_s: float) -> None:
         super().__init__(connection_pool=pool)
         self.auto_close_connection_pool = True

@@ -56,7 +56,10 @@ class RedisLimiter(Limiter):
         self._settle_script = client.register_script(_script("settle.lua"))
         self._renew_script = client.register_script(_script("renew.lua"))
         cluster = isinstance(client, aioredis.RedisCluster)
-        self._pipeliner = None if cluster else Pipeliner(client)
+        # A multiplexed client (app/redis_mux.py) writes each call at once on its one
+        # connection: concurrent calls already share the wire, with no batching task.
+        multiplexed = getattr(client, "multiplexed", False)
+        self._pipeliner = None if cluster or multiplexed else Pipeliner(client)
 
     async def _call(
         self, script: Any, keys: list[str], args: list[Any], *, droppable: bool = False

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.redis_client import redis_clients
 from ratelimit import Demand, Limiter, MemoryLimiter, RedisLimiter, Reservation, WindowLimit
 
 pytestmark = pytest.mark.redis
@@ -359,21 +360,38 @@ def test_plans_refuse_duplicate_limit_names() -> None:
         )
 
 
-async def test_concurrent_decisions_share_pipelines_and_stay_strict(
+async def test_concurrent_decisions_share_pipelines_and_stay_strict(redis_url: str) -> None:
+    """On a pooled client, calls made while others are in flight go out together; each
+    still gets its own answer, and a limit is never over-admitted."""
+    client, tail, _ = redis_clients(redis_url, max_connections=20, multiplex=False)
+    try:
+        limiter = RedisLimiter(client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
+        assert limiter._pipeliner is not None
+        sent: list[int] = []
+        real_send = limiter._pipeliner._send
+
+        async def counting_send(batch: list) -> None:  # type: ignore[type-arg]
+            sent.append(len(batch))
+            await real_send(batch)
+
+        limiter._pipeliner._send = counting_send  # type: ignore[method-assign]
+        await _strict_under_concurrency(limiter)
+        assert sum(sent) == 300 and max(sent) > 1 and len(sent) < 300
+    finally:
+        await client.aclose()
+        await tail.aclose()
+
+
+async def test_concurrent_decisions_on_the_multiplexed_client_stay_strict(
     redis_client: aioredis.Redis,
 ) -> None:
-    """Calls made while others are in flight go out together; each still gets its own
-    answer, and a limit is never over-admitted."""
+    """The multiplexed client already shares its wire: no batching layer on top."""
     limiter = RedisLimiter(redis_client, prefix=f"t-{uuid.uuid4().hex[:8]}:")
-    assert limiter._pipeliner is not None
-    sent: list[int] = []
-    real_send = limiter._pipeliner._send
+    assert limiter._pipeliner is None
+    await _strict_under_concurrency(limiter)
 
-    async def counting_send(batch: list) -> None:  # type: ignore[type-arg]
-        sent.append(len(batch))
-        await real_send(batch)
 
-    limiter._pipeliner._send = counting_send  # type: ignore[method-assign]
+async def _strict_under_concurrency(limiter: RedisLimiter) -> None:
     limit = WindowLimit("rpm", "requests", 50, 60_000)
     subjects = ["a", "b"]
     decisions = await asyncio.gather(
@@ -382,7 +400,6 @@ async def test_concurrent_decisions_share_pipelines_and_stay_strict(
     for subject in subjects:
         mine = [d for i, d in enumerate(decisions) if subjects[i % 2] == subject]
         assert sum(d.allowed for d in mine) == 50
-    assert sum(sent) == 300 and max(sent) > 1 and len(sent) < 300
 
 
 async def test_a_flushed_script_cache_is_reloaded_for_single_and_batched_calls(
