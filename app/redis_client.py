@@ -136,7 +136,7 @@ class Breaker:
         """Fail at once while open and not yet due for a probe. Cheap enough for every
         pool checkout: while open it spares callers the wait for a free connection."""
         if self._open_until is not None and self._clock() < self._open_until:
-            raise self._open_error()
+            raise self.open_error()
 
     def admit(self, connection: object) -> None:
         """Let `connection` talk to Redis, or raise `CircuitOpenError`. When the open
@@ -147,7 +147,7 @@ class Breaker:
             return
         now = self._clock()
         if now < self._open_until or not getattr(connection, "may_probe", True):
-            raise self._open_error()
+            raise self.open_error()
         if self._probe is None or self._probe is connection or now >= self._probe_until:
             if self._probe is not connection:
                 self._probe = connection
@@ -189,7 +189,8 @@ class Breaker:
         if self._probe is connection:
             self._probe = None
 
-    def _open_error(self) -> CircuitOpenError:
+    def open_error(self) -> CircuitOpenError:
+        """The refusal of an open breaker (not yet due for a probe, or probing)."""
         assert self._open_until is not None
         remaining = max(0.0, self._open_until - self._clock())
         return CircuitOpenError(
@@ -407,8 +408,8 @@ def redis_clients(
       breaker.
     * `multiplex` (the default): the shared client carries every command on one
       connection (`app/redis_mux.py`: a fraction of the CPU per command, no waiting for
-      a free connection); `max_connections` and `pool_timeout_s` then bound only its
-      connecting. Off: a pool of up to `max_connections`, a command per checkout.
+      a free connection); `max_connections` and `pool_timeout_s` then play no part.
+      Off: a pool of up to `max_connections`, a command per checkout.
     * No client-side retries: a retry doubles the time to fail against a hung Redis,
       and the callers decide what a failure means.
 

@@ -70,6 +70,7 @@ __all__ = ["MultiplexedRedis"]
 # reply, and two that only its own parser or cache use.
 _EMPTY_RESPONSE = "EMPTY_RESPONSE"
 _DROPPED_OPTIONS = ("keys", "NEVER_DECODE", _EMPTY_RESPONSE)
+_INCOMPLETE = object()
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -85,6 +86,8 @@ def pack(args: tuple[Any, ...]) -> bytes:
     try:
         return cast(bytes, hiredis.pack_command(args))
     except TypeError as exc:
+        if any(isinstance(a, bytearray) for a in args):  # redis-py takes them; hiredis not
+            return pack(tuple(bytes(a) if isinstance(a, bytearray) else a for a in args))
         raise DataError(str(exc)) from None
 
 
@@ -135,8 +138,13 @@ class _Connection:
 
     @staticmethod
     def _new_reader() -> hiredis.Reader:
-        # Error replies become the exceptions redis-py raises for them (NoScriptError...).
-        return hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        # Error replies become the exceptions redis-py raises for them (NoScriptError...);
+        # "no complete reply yet" is a sentinel, since a RESP3 reply may be False.
+        return hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_INCOMPLETE,
+        )
 
     async def call(self, payload: bytes, expected: int | None) -> Any:
         """Write `payload` (`expected` commands, or one if None) and wait for its
@@ -161,16 +169,22 @@ class _Connection:
     async def _connect(self) -> asyncio.Transport:
         if self._closed:
             raise ConnectionError("the Redis client is closed")
-        if self._lock.locked():
-            # Someone is connecting. While the breaker probes, that connect is the probe:
-            # fail at once rather than wait for it, as commands do.
-            self._breaker.admit(object())
+        if self._lock.locked() and self._breaker.state == "open":
+            # Someone is connecting, and that connect is the breaker's probe: fail at
+            # once rather than wait for it, as commands do.
+            raise self._breaker.open_error()
         async with self._lock:  # one connect for everyone who found no connection
             if self._transport is not None:
                 return self._transport
             opener: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            # Socket connect, TLS, AUTH/HELLO, SELECT: redis-py's, through the breaker.
-            await opener.connect()  # type: ignore[no-untyped-call]
+            try:
+                # Socket connect, TLS, AUTH/HELLO, SELECT: redis-py's, through the breaker.
+                await opener.connect()  # type: ignore[no-untyped-call]
+                if self._closed:
+                    raise ConnectionError("the Redis client is closed")
+            except BaseException:
+                await opener.disconnect(nowait=True)  # cancelled mid-handshake too
+                raise
             writer = cast(asyncio.StreamWriter, opener._writer)
             transport = cast(asyncio.Transport, writer.transport)
             self._reader = self._new_reader()
@@ -189,8 +203,10 @@ class _Connection:
             except InvalidResponse as exc:
                 self._fail(ConnectionError(f"Redis sent a malformed reply: {exc}"))
                 return
-            if reply is False:
+            if reply is _INCOMPLETE:
                 break
+            if isinstance(reply, hiredis.PushNotification):
+                continue  # a RESP3 push (e.g. maintenance notices): nobody's reply
             if not waiting:
                 self._fail(ConnectionError("Redis sent a reply to no command"))
                 return
@@ -225,7 +241,9 @@ class _Connection:
         """Close the connection and fail every call waiting on it with `error`."""
         transport, self._transport, self._wire = self._transport, None, None
         if transport is not None:
-            transport.close()
+            # Not close(): what is still buffered must not reach Redis after its callers
+            # were told it failed.
+            transport.abort()
         if self._opener is not None:
             # Its reader and writer wrapped the transport just closed.
             self._opener._reader = self._opener._writer = None
@@ -235,7 +253,7 @@ class _Connection:
         for call in waiting:
             self._breaker.release(call)
             if not call.future.done():
-                call.future.set_exception(error)
+                call.future.set_exception(type(error)(*error.args))  # one traceback each
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -248,8 +266,8 @@ class _Connection:
 def _parse(callbacks: Mapping[Any, Any], args: tuple[Any, ...], options: Any, reply: Any) -> Any:
     """What redis-py's `parse_response` makes of a reply: an error reply raised (or its
     substitute returned), then the command's reply callback."""
-    if isinstance(reply, ResponseError):
-        if _EMPTY_RESPONSE in options:
+    if isinstance(reply, RedisError):  # an error reply: LOADING, NOAUTH are not ResponseErrors
+        if _EMPTY_RESPONSE in options and isinstance(reply, ResponseError):
             return options[_EMPTY_RESPONSE]
         raise reply
     callback = callbacks.get(args[0])
@@ -300,6 +318,10 @@ class MultiplexedPipeline(Pipeline):
     async def watch(self, *names: Any) -> None:  # type: ignore[override]
         raise RedisError("WATCH needs a connection of its own: not on the shared client")
 
+    async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        # What redis-py sends at once from a pipeline: WATCH and what follows it.
+        raise RedisError(f"{args[0]} needs a connection of its own: not on the shared client")
+
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         stack = self.command_stack
         if not stack:
@@ -333,6 +355,9 @@ class MultiplexedPipeline(Pipeline):
         sent = [(args, options) for args, options in stack if _EMPTY_RESPONSE not in options]
         payload = b"".join([pack(("MULTI",)), *(pack(a) for a, _ in sent), pack(("EXEC",))])
         replies = await self._connection.call(payload, len(sent) + 2)
+        for reply in replies:
+            if isinstance(reply, RedisError) and not isinstance(reply, ResponseError):
+                raise reply  # LOADING, NOAUTH...: no answer at all, as redis-py raises
         errors: list[tuple[int, Any]] = []
         if isinstance(replies[0], ResponseError):
             errors.append((0, replies[0]))
@@ -380,11 +405,11 @@ class MultiplexedPipeline(Pipeline):
         exists = await self._connection.call(
             pack(("SCRIPT", "EXISTS", *(s.sha for s in scripts))), None
         )
-        if isinstance(exists, ResponseError):
+        if isinstance(exists, RedisError):
             raise exists
         for script, found in zip(scripts, exists, strict=True):
             if not found:
                 sha = await self._connection.call(pack(("SCRIPT", "LOAD", script.script)), None)
-                if isinstance(sha, ResponseError):
+                if isinstance(sha, RedisError):
                     raise sha
                 script.sha = sha.decode() if isinstance(sha, bytes) else sha

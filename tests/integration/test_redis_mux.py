@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import (
+    AuthenticationError,
     ConnectionError,
     DataError,
     ExecAbortError,
@@ -161,7 +162,27 @@ async def test_what_redis_py_refuses_is_refused(shared: aioredis.Redis) -> None:
     with pytest.raises(RedisError, match="WATCH"):
         async with shared.pipeline() as pipe:
             await pipe.watch("k")
+    with pytest.raises(RedisError, match="WATCH"):
+        async with shared.pipeline() as pipe:
+            await pipe.execute_command("WATCH", "k")
+    assert await shared.set("b", bytearray(b"ytes")) and await shared.get("b") == b"ytes"
     assert await shared.ping() is True  # the connection is still fine
+
+
+async def test_pushes_from_redis_are_nobodys_reply(shared: aioredis.Redis) -> None:
+    """A RESP3 push (here: a client-side-caching invalidation, which Redis sends right
+    after the reply to the command that changed a tracked key) must not be taken for
+    the next reply."""
+    await shared.set("plain", "mine")
+    assert await shared.execute_command("CLIENT", "TRACKING", "ON")
+    for i in range(5):
+        assert await shared.get("watched") in (None, str(i - 1).encode())  # tracked
+        changed, plain = await asyncio.gather(shared.set("watched", str(i)), shared.get("plain"))
+        assert changed is True and plain == b"mine"
+        await shared.get("watched")
+        async with shared.pipeline(transaction=False) as pipe:
+            pipe.set("watched", str(i)).get("plain")
+            assert await pipe.execute() == [True, b"mine"]
 
 
 async def test_the_url_chooses_database_and_credentials() -> None:
@@ -173,6 +194,18 @@ async def test_the_url_chooses_database_and_credentials() -> None:
         try:
             await client.set("where", "five")
             assert await plain.get("where") == b"five"
+            # A refusal that is not a ResponseError is raised too, not returned.
+            with pytest.raises(AuthenticationError):
+                await client.execute_command("AUTH", "wrong")
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get("where").execute_command("AUTH", "wrong")
+                with pytest.raises(AuthenticationError):
+                    await pipe.execute()
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get("where").execute_command("AUTH", "wrong")
+                where, refused = await pipe.execute()  # inside EXEC: as redis-py, a value
+                assert where == b"five" and isinstance(refused, AuthenticationError)
+            assert await client.get("where") == b"five"  # still authenticated
             assert await plain.execute_command("SELECT", 0) and await plain.get("where") is None
         finally:
             await client.aclose()
@@ -188,6 +221,21 @@ async def test_the_url_chooses_database_and_credentials() -> None:
             await tail.aclose()
     finally:
         server.stop()
+
+
+async def test_closing_while_connecting_leaves_no_connection(
+    server: RedisServer, observer: aioredis.Redis
+) -> None:
+    before = await connections(observer)
+    client, tail, _ = redis_clients(server.url, max_connections=2)
+    ping = asyncio.ensure_future(client.ping())
+    await asyncio.sleep(0)  # the connect has begun
+    await client.aclose()
+    await tail.aclose()
+    with pytest.raises(ConnectionError):
+        await ping
+    await asyncio.sleep(0.1)
+    assert await connections(observer) == before
 
 
 async def test_a_closed_client_refuses_commands(server: RedisServer) -> None:
