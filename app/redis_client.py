@@ -436,7 +436,7 @@ def redis_clients(
         if multiplex
         else Redis.from_pool(pool)  # from_pool: closing the client closes the pool
     )
-    return client, _single(url, tail_timeout_s, common), breaker
+    return client, _single(url, tail_timeout_s, common, multiplex), breaker
 
 
 def blocking_client(
@@ -446,11 +446,13 @@ def blocking_client(
     connect_timeout_s: float = 1.0,
     pool_timeout_s: float = 1.0,
     block_s: float = 1.0,
+    multiplex: bool = True,
 ) -> Redis:
     """One more dedicated connection for a blocking command (the job queue's
     XREADGROUP), sharing `breaker`: a blocking command on the tail's connection would
     hold every reader of the stream log behind it."""
-    return _single(url, block_s + 2.0, _pool_options(breaker, connect_timeout_s, pool_timeout_s))
+    options = _pool_options(breaker, connect_timeout_s, pool_timeout_s)
+    return _single(url, block_s + 2.0, options, multiplex)
 
 
 def _pool_options(
@@ -466,12 +468,17 @@ def _pool_options(
     }
 
 
-def _single(url: str, timeout_s: float, common: dict[str, Any]) -> Redis:
-    single = Redis(
-        connection_pool=BreakerConnectionPool.from_url(
-            url, max_connections=1, socket_timeout=timeout_s, may_probe=False, **common
-        ),
-        single_connection_client=True,
+def _single(url: str, timeout_s: float, common: dict[str, Any], multiplex: bool) -> Redis:
+    """A client of one connection whose commands may wait in Redis (never a probe).
+    Multiplexed, it is the same single connection with less Python per command; its
+    commands go one at a time anyway (each caller waits for its reply)."""
+    pool = BreakerConnectionPool.from_url(
+        url, max_connections=1, socket_timeout=timeout_s, may_probe=False, **common
     )
+    if multiplex:
+        return MultiplexedRedis(
+            pool, breaker=common["breaker"], timeout_s=timeout_s, may_probe=False
+        )
+    single = Redis(connection_pool=pool, single_connection_client=True)
     single.auto_close_connection_pool = True  # as from_pool does: the pool is its own
     return single

@@ -96,12 +96,22 @@ class _Call:
     None: a single command, answered by its one reply rather than a list)."""
 
     __slots__ = ("expected", "future", "replies", "sent_at")
+    may_probe = True
+    """What the breaker asks (`Breaker.admit`): may this command be its probe."""
 
     def __init__(self, future: asyncio.Future[Any], expected: int | None, sent_at: float):
         self.future = future
         self.expected = expected
         self.replies: list[Any] = []
         self.sent_at = sent_at
+
+
+class _PatientCall(_Call):
+    """A command that may legitimately wait in Redis (a blocking read): never the
+    breaker's probe, which would hold the probe slot while Redis is fine."""
+
+    __slots__ = ()
+    may_probe = False
 
 
 class _Wire(asyncio.Protocol):
@@ -123,8 +133,11 @@ class _Wire(asyncio.Protocol):
 class _Connection:
     """The one connection, its reader, and the calls waiting on it in order."""
 
-    def __init__(self, pool: ConnectionPool, breaker: Breaker, timeout_s: float) -> None:
+    def __init__(
+        self, pool: ConnectionPool, breaker: Breaker, timeout_s: float, may_probe: bool
+    ) -> None:
         self._pool = pool
+        self._call_type = _Call if may_probe else _PatientCall
         self._breaker = breaker
         self._timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
@@ -154,7 +167,7 @@ class _Connection:
         if transport is None:
             transport = await self._connect()
         loop = asyncio.get_running_loop()
-        call = _Call(loop.create_future(), expected, loop.time())
+        call = self._call_type(loop.create_future(), expected, loop.time())
         self._breaker.admit(call)  # a no-op while closed; one probe at a time otherwise
         transport.write(payload)
         self._waiting.append(call)
@@ -282,16 +295,24 @@ class MultiplexedRedis(Redis):
     """A `redis.asyncio.Redis` whose commands and pipelines share one connection (see
     the module docstring). `pool` opens that connection (its connections should report
     to `breaker`); it carries no commands. `timeout_s`: how long a command may wait for
-    its reply before Redis counts as hung."""
+    its reply before Redis counts as hung (for a blocking read: longer than its block).
+    `may_probe=False`: for commands that may wait in Redis (see `_PatientCall`)."""
 
     multiplexed = True
     """Concurrent calls already share round trips: batching them again (the limiter's
     `Pipeliner`) would only add a task and a queue."""
 
-    def __init__(self, pool: ConnectionPool, *, breaker: Breaker, timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        *,
+        breaker: Breaker,
+        timeout_s: float,
+        may_probe: bool = True,
+    ) -> None:
         super().__init__(connection_pool=pool)
         self.auto_close_connection_pool = True
-        self._connection = _Connection(pool, breaker, timeout_s)
+        self._connection = _Connection(pool, breaker, timeout_s, may_probe)
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         reply = await self._connection.call(pack(args), None)

@@ -126,6 +126,7 @@ async def build_services(settings: Settings, config: Config, stack: AsyncExitSta
             breaker,
             connect_timeout_s=settings.redis_timeout_s,
             pool_timeout_s=settings.redis_timeout_s,
+            multiplex=settings.redis_multiplex,
         )
         stack.push_async_callback(claims.aclose)
         queue = RedisJobQueue(client, blocking=claims, prefix=settings.redis_prefix)
