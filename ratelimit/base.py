@@ -12,7 +12,7 @@ import abc
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._exceptions import LimiterUnavailable
@@ -51,8 +51,34 @@ class Reservation:
     """Whether a concurrency lease (named by `id`) was taken."""
 
     def to_json(self) -> str:
-        """Everything settlement needs, so any process can settle it."""
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """Everything settlement needs, so any process can settle it. Spelled out
+        rather than `dataclasses.asdict`, whose recursive deep copy cost about 3 % of a
+        stream start; a unit test holds the two equal."""
+        demand = self.demand
+        return json.dumps(
+            {
+                "id": self.id,
+                "subject": self.subject,
+                "windows": [
+                    {
+                        "name": w.name,
+                        "resource": w.resource,
+                        "limit": w.limit,
+                        "window_ms": w.window_ms,
+                        "buckets": w.buckets,
+                    }
+                    for w in self.windows
+                ],
+                "buckets": list(self.buckets),
+                "demand": {
+                    "requests": demand.requests,
+                    "tokens": demand.tokens,
+                    "cost_nano_usd": demand.cost_nano_usd,
+                },
+                "lease": self.lease,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Reservation:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 
 import pytest
@@ -150,6 +151,8 @@ def test_a_reservation_round_trips_through_json() -> None:
     )
     text = reservation.to_json()
     assert isinstance(text, str)
+    # Every field, as dataclasses would write them (a field added later must be too).
+    assert json.loads(text) == json.loads(json.dumps(dataclasses.asdict(reservation)))
     loaded = Reservation.from_json(text)
     assert loaded == reservation
     assert isinstance(loaded.windows, tuple) and isinstance(loaded.buckets, tuple)
