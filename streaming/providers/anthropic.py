@@ -68,39 +68,47 @@ class AnthropicProvider:
             kwargs["extra_headers"] = dict(request.headers)
         try:
             events = await self._client.messages.create(**kwargs)
-            try:
-                stopped = False
-                stop_reason = "end_turn"
-                async for event in events:
-                    kind = event.type
-                    if kind == "content_block_delta":
-                        text = getattr(event.delta, "text", None)
-                        if text:
-                            yield TextDelta(text, 1)
-                    elif kind == "message_start":
-                        yield Usage(input_tokens=event.message.usage.input_tokens)
-                    elif kind == "message_delta":
-                        stop_reason = event.delta.stop_reason or stop_reason
-                        yield Usage(output_tokens=event.usage.output_tokens)
-                    elif kind == "message_stop":
-                        stopped = True
-                if not stopped:
-                    raise _errors.dropped_error()
-                yield Stop(stop_reason)
-            finally:
-                await events.close()
         except anthropic.APIStatusError as exc:
             raise _status_error(exc) from exc
         except anthropic.APIConnectionError as exc:
             raise _errors.connection_error(f"cannot reach the provider: {exc.message}") from exc
         except (ValueError, anthropic.APIResponseValidationError) as exc:
             raise _errors.protocol_error("the provider sent an unreadable event") from exc
+        stopped = False
+        stop_reason = "end_turn"
+        try:
+            async for event in events:
+                kind = event.type
+                if kind == "content_block_delta":
+                    text = getattr(event.delta, "text", None)
+                    if text:
+                        yield TextDelta(text, 1)
+                elif kind == "message_start":
+                    yield Usage(input_tokens=event.message.usage.input_tokens)
+                elif kind == "message_delta":
+                    stop_reason = event.delta.stop_reason or stop_reason
+                    yield Usage(output_tokens=event.usage.output_tokens)
+                elif kind == "message_stop":
+                    stopped = True
+        except anthropic.APIStatusError as exc:  # an `error` event in the stream
+            raise _status_error(exc) from exc
+        except (ValueError, anthropic.APIResponseValidationError) as exc:
+            raise _errors.protocol_error("the provider sent an unreadable event") from exc
+        except anthropic.APIConnectionError as exc:
+            # The response had begun: a failed read of its body is a dropped stream, not
+            # an unreachable provider (newer SDKs wrap the transport's error in this).
+            raise _errors.dropped_error() from exc
         except anthropic.AnthropicError:
             raise
         except Exception as exc:
-            # Once the response has started, the SDK lets its transport's errors through
-            # unwrapped (a reset, a truncated chunk): the stream dropped.
+            # Older SDKs let their transport's errors through unwrapped once the response
+            # has started (a reset, a truncated chunk): the stream dropped.
             raise _errors.dropped_error() from exc
+        finally:
+            await events.close()
+        if not stopped:
+            raise _errors.dropped_error()
+        yield Stop(stop_reason)
 
     async def ready(self) -> bool:
         return True
