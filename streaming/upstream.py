@@ -47,17 +47,29 @@ async def normalise(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]
     first `Stop`, and refuse a stream that just ends: a provider that closes without
     saying it finished has truncated the answer."""
     accepted = False
-    async for chunk in chunks:
-        if isinstance(chunk, TextDelta):
-            if chunk.text:
+    try:
+        async for chunk in chunks:
+            if isinstance(chunk, TextDelta):
+                if chunk.text:
+                    yield chunk
+            elif isinstance(chunk, Usage):
+                if (
+                    chunk.input_tokens is not None
+                    or chunk.output_tokens is not None
+                    or not accepted
+                ):
+                    accepted = True
+                    yield chunk
+            else:
                 yield chunk
-        elif isinstance(chunk, Usage):
-            if chunk.input_tokens is not None or chunk.output_tokens is not None or not accepted:
-                accepted = True
-                yield chunk
-        else:
-            yield chunk
-            return
+                return
+    finally:
+        # Closed with this, not when collected: `async for` leaves the provider's
+        # generator suspended, holding its connection open and reading, until the
+        # garbage collector finds it.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     raise UpstreamError(
         "the provider closed the stream before it finished",
         code="upstream_dropped",

@@ -86,6 +86,25 @@ async def test_normalise_drops_empty_text_and_refuses_a_stream_that_just_ends() 
     assert info.value.code == "upstream_dropped"
 
 
+async def test_normalise_closes_the_provider_stream_when_it_is_closed() -> None:
+    """Closed with it, not later, when the event loop finalizes the abandoned generator:
+    until then the provider's connection stays open, and its library may go on reading
+    the socket into memory nobody consumes."""
+    closed = []
+
+    async def source() -> AsyncIterator[Chunk]:
+        try:
+            while True:
+                yield TextDelta("a")
+        finally:
+            closed.append(True)
+
+    chunks = normalise(source())
+    assert await chunks.__anext__() == TextDelta("a")
+    await chunks.aclose()
+    assert closed == [True]
+
+
 async def test_coalesce_sends_first_text_at_once_and_merges_a_burst() -> None:
     queue: Mailbox[Any] = Mailbox()
     for t in ["a", "b", "c", "d"]:
