@@ -61,6 +61,7 @@ def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provi
             api_key=spec.api_key(),
             connect_timeout_s=settings.upstream_connect_timeout_s,
             max_connections=spec.max_connections,
+            receive_buffer_bytes=settings.send_buffer_bytes,
         )
     return AnthropicProvider(
         name,
@@ -68,6 +69,7 @@ def build_provider(name: str, spec: ProviderConfig, settings: Settings) -> Provi
         api_key=spec.api_key(),
         connect_timeout_s=settings.upstream_connect_timeout_s,
         max_connections=spec.max_connections,
+        receive_buffer_bytes=settings.send_buffer_bytes,
     )
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-_HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
+_HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read (at most)
 
 
 class HTTPError(Exception):
@@ -135,7 +135,7 @@ class Response:
     """Status once it is in (and headers, for a status other than 200); the body as it
     arrives, through `aiter()`. Leaving `Pool.stream()` releases the connection."""
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: _Connection, high_water: int = _HIGH_WATER) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.delimited = False  # a length or chunking, rather than the connection's end
@@ -144,6 +144,7 @@ class Response:
         self._connection = connection
         self._chunks: list[bytes] = []  # a list: a deque's first block alone is 600 bytes
         self._buffered = 0
+        self._high_water = high_water
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -155,7 +156,7 @@ class Response:
     def _push(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused:
+        if self._buffered > self._high_water and not self._paused:
             transport = self._connection.transport
             if transport is not None:
                 transport.pause_reading()
@@ -207,7 +208,12 @@ class Response:
 
 class Pool:
     """Keep-alive connections to one origin, at most `max_connections` at once (a stream
-    waits for a free slot rather than failing)."""
+    waits for a free slot rather than failing).
+
+    `receive_buffer_bytes` caps what a response buffers before its socket stops being
+    read (`_HIGH_WATER` at most): what a stream whose consumer stopped reading holds of
+    the provider's bytes in this process. The rest waits in the kernel's receive
+    buffer, where the provider's flow control holds it back."""
 
     def __init__(
         self,
@@ -218,6 +224,7 @@ class Pool:
         max_idle: int = 100,
         connect_timeout_s: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
+        receive_buffer_bytes: int = _HIGH_WATER,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -238,6 +245,7 @@ class Pool:
         self._max_idle = max_idle
         self._slots = asyncio.Semaphore(max_connections)
         self._connect_timeout_s = connect_timeout_s
+        self.high_water = min(receive_buffer_bytes, _HIGH_WATER)
         self._closed = False
 
     async def _reuse(self) -> _Connection | None:
@@ -310,7 +318,7 @@ class _Exchange:
         try:
             connection = await self._pool._reuse() or await self._pool._connect()
             self._connection = connection
-            response = Response(connection)
+            response = Response(connection, self._pool.high_water)
             connection.start(response, self._request)
             self._request = b""  # written: the prompt need not stay in memory for the stream
             await response._head()

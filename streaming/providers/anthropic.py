@@ -3,13 +3,22 @@
 The SDK's own retries are off: retry policy lives in one place (the pipeline's upstream
 reader) so that it can stop retrying the moment anything has been relayed.
 
-Only the SDK's public surface is used (`anthropic.Timeout`, `DefaultAsyncHttpxClient`,
-`DEFAULT_CONNECTION_LIMITS`), never the HTTP library underneath it, which is the SDK's own
-business and changes with it.
+The SDK's public surface is used (`anthropic.Timeout`, `DefaultAsyncHttpxClient`,
+`DEFAULT_CONNECTION_LIMITS`), and its HTTP library only through it: which library that
+is (httpx, then httpx2) is the SDK's business and changes with it. One thing the SDK does
+not offer is a bounded receive buffer per connection, so its transport is built here,
+from the library its client class derives from, with the SDK's keep-alive options and
+`SO_RCVBUF`. Why it matters: when a stream's consumer stops reading, the relay stops
+reading the provider, but the library's next read moves everything the kernel had
+received (autotuned up to several MB on a fast link) into the process at once, where it
+waits for the consumer. With the buffer fixed, a stalled stream holds at most that much.
 """
 
 from __future__ import annotations
 
+import importlib
+import socket
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +27,11 @@ import anthropic
 from ..chunks import Chunk, Stop, TextDelta, Usage
 from . import _errors
 from .base import GenerationRequest
+
+_MIN_RECEIVE_BUFFER = 128 * 1024
+"""The library sets its socket options once connected. A receive buffer made smaller
+than the window the connection already advertised (from the kernel's default, 128 KiB
+on Linux) drops data already on its way, and the stream crawls on retransmissions."""
 
 
 class AnthropicProvider:
@@ -29,18 +43,18 @@ class AnthropicProvider:
         api_key: str | None,
         connect_timeout_s: float = 5.0,
         max_connections: int = 1000,
+        receive_buffer_bytes: int = 0,
     ) -> None:
+        """`receive_buffer_bytes`: each upstream connection's kernel receive buffer
+        (`SO_RCVBUF`, at least `_MIN_RECEIVE_BUFFER`; 0 leaves it to the kernel's
+        autotuning)."""
         self.name = name
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key or "missing-key",
             base_url=base_url,
             max_retries=0,
             timeout=anthropic.Timeout(None, connect=connect_timeout_s),
-            http_client=anthropic.DefaultAsyncHttpxClient(
-                limits=type(anthropic.DEFAULT_CONNECTION_LIMITS)(
-                    max_connections=max_connections, max_keepalive_connections=100
-                ),
-            ),
+            http_client=_http_client(max_connections, receive_buffer_bytes),
         )
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:
@@ -115,6 +129,30 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _http_client(max_connections: int, receive_buffer_bytes: int) -> Any:
+    limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
+        max_connections=max_connections, max_keepalive_connections=100
+    )
+    if not receive_buffer_bytes or urllib.request.getproxies():
+        # A proxy from the environment is routed by the SDK's own client, which only
+        # does so when it builds its transports itself.
+        return anthropic.DefaultAsyncHttpxClient(limits=limits)
+    library = next(
+        importlib.import_module(cls.__module__.partition(".")[0])
+        for cls in anthropic.DefaultAsyncHttpxClient.__mro__
+        if not cls.__module__.startswith("anthropic")
+    )
+    options: list[tuple[int, int, int]] = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, max(receive_buffer_bytes, _MIN_RECEIVE_BUFFER)),
+    ]
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5)):
+        if hasattr(socket, name):  # as the SDK's own client sets them
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    transport = library.AsyncHTTPTransport(limits=limits, socket_options=options)
+    return anthropic.DefaultAsyncHttpxClient(limits=limits, transport=transport)
 
 
 def _status_error(exc: anthropic.APIStatusError) -> Exception:

@@ -31,6 +31,7 @@ class OpenAIProvider:
         api_key: str | None,
         connect_timeout_s: float = 5.0,
         max_connections: int = 1000,
+        receive_buffer_bytes: int = 256 * 1024,
     ) -> None:
         self.name = name
         headers = {"accept": "text/event-stream"}
@@ -43,6 +44,7 @@ class OpenAIProvider:
             headers={**headers, "content-type": "application/json"},
             max_connections=max_connections,
             connect_timeout_s=connect_timeout_s,
+            receive_buffer_bytes=receive_buffer_bytes,
         )
 
     def expected_output_tokens(self, request: GenerationRequest) -> int | None:

@@ -32,8 +32,13 @@ def _rss_mb(pid: int) -> float:
 
 
 def _sockets(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except FileNotFoundError:  # closed while listed
+            pass
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +116,11 @@ async def test_clients_that_never_read_cost_bounded_memory_and_are_dropped(
         assert all(r.client_closed and r.tokens_sent < 200_000 for r in records), [
             (r.client_closed, r.tokens_sent) for r in records
         ]
-        assert peak - start < 50, f"RSS grew {peak - start:.0f} MB"
+        # What each holds of the provider's bytes is bounded by the send buffer setting
+        # (16 KiB here), whatever the kernel would have buffered: about 1-2 MB each in
+        # all. Unbounded, the Anthropic SDK's transport moves a whole autotuned receive
+        # buffer into the process at once: 4-6 MB each.
+        assert peak - start < 30, f"RSS grew {peak - start:.0f} MB"
         # The dropped connections are gone from the server (aborted: a plain close would
         # wait on a buffer these clients never drain), and so are the upstream ones.
         for _ in range(40):
