@@ -150,7 +150,10 @@ class Settings(BaseSettings):
     readers, and this one may resume)."""
     send_buffer_bytes: int = Field(default=1_048_576, ge=16_384)
     """The most a stream may hold for one slow connection (events produced but not yet
-    written); past it, the producer waits, and upstream reading with it."""
+    written); past it, the producer waits, and upstream reading with it. It also bounds
+    what a provider connection holds of bytes received but not yet read (the HTTP
+    client's high water, at most 256 KiB; the Anthropic SDK's connections get it as
+    their kernel receive buffer, at least 128 KiB)."""
     header_timeout_s: float = Field(default=10, gt=0)
     """A connection that has not sent a whole request head in this long is closed."""
     body_timeout_s: float = Field(default=30, gt=0)
