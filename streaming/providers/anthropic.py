@@ -29,9 +29,10 @@ from . import _errors
 from .base import GenerationRequest
 
 _MIN_RECEIVE_BUFFER = 128 * 1024
-"""The library sets its socket options once connected. A receive buffer made smaller
-than the window the connection already advertised (from the kernel's default, 128 KiB
-on Linux) drops data already on its way, and the stream crawls on retransmissions."""
+"""The library sets its socket options once connected, after the connection has
+advertised a window from the kernel's default buffer (128 KiB on Linux). Shrunk below
+that, a connection can stop receiving under a fast sender (seen on loopback at 16 KiB:
+the stream stalled until its idle timeout), so the buffer is never made smaller."""
 
 
 class AnthropicProvider:
