@@ -101,12 +101,48 @@ def raise_fd_limit() -> int:
     return hard
 
 
+def granian_command(port: int, workers: int) -> list[str]:
+    """granian serving the app the way `sserelay serve` has uvicorn serve it: ASGI,
+    uvloop, loopback, a deep accept queue, no access log."""
+    return [
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--factory",
+        "app.factory:app_from_env",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--workers",
+        str(workers),
+        "--runtime-threads",
+        "1",
+        "--backlog",
+        "4096",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
 class Harness:
-    def __init__(self, logs: Path, *, redis: bool = True, relay_workers: int = 1) -> None:
+    def __init__(
+        self, logs: Path, *, redis: bool = True, relay_workers: int = 1, server: str = "uvicorn"
+    ) -> None:
         """`relay_workers` > 1: `sserelay serve --workers N` (N processes behind one
-        listening socket); CPU and memory are then summed over all of them."""
+        listening socket); CPU and memory are then summed over all of them. `server`
+        "granian": the same app from `app.factory:app_from_env` served by granian
+        (ASGI, uvloop, one worker and one runtime thread per worker), to compare the
+        servers on the same load; sserelay's own connection guards are uvicorn
+        protocols, so they are not in that path."""
         self.logs = logs
         self.relay_workers = relay_workers
+        self.server = server
         self.use_redis = redis
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: RedisServer | None = None
@@ -161,6 +197,10 @@ class Harness:
         serve = [sys.executable, "-m", "app.cli", "serve"]
         if self.relay_workers > 1:
             serve += ["--workers", str(self.relay_workers)]
+        if self.server == "granian":
+            serve = granian_command(self.relay_port, self.relay_workers)
+            if self.relay_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sserelay-metrics-")
         self.relay = self._spawn("sserelay", serve, env)
         wait_http(f"http://127.0.0.1:{self.relay_port}")
         if self.relay_workers > 1:

@@ -38,7 +38,12 @@ SCENARIOS = (
 async def one_run(
     args: argparse.Namespace, sizes: scenarios.Sizes, fd_limit: int, ttfts: dict[str, Any]
 ) -> report.Results:
-    harness = Harness(args.out.parent / "logs", redis=True, relay_workers=args.relay_workers)
+    harness = Harness(
+        args.out.parent / "logs",
+        redis=True,
+        relay_workers=args.relay_workers,
+        server=args.server,
+    )
     harness.start()
     # The generator's own full collections would show up as latency on every path.
     gc.collect()
@@ -80,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="run sserelay as `serve --workers N` (N processes; CPU and RSS summed)",
     )
+    parser.add_argument(
+        "--server",
+        choices=("uvicorn", "granian"),
+        default="uvicorn",
+        help="the ASGI server in front of sserelay's app (granian: pip install granian)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     args.scenarios = args.scenarios or list(SCENARIOS)
@@ -108,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 "machine": describe_machine(),
                 "open_files_hard_limit": fd_limit,
                 "relay_workers": args.relay_workers,
+                "server": args.server,
                 "budget": report.budget_rows(results),
                 "round_two": report.budget_rows(results, report.ROUND_TWO),
                 "results": results,
