@@ -48,7 +48,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 import h11
 import httptools
@@ -514,16 +514,21 @@ class _AbortingTransport:
     incomplete with bytes still buffered aborts it. That is how an SSE response drops a
     client too slow to read (it ends without its last chunk, and uvicorn closes): a
     plain close would wait, holding the descriptor, for a buffer that client never
-    drains."""
+    drains.
+
+    The protocol is held weakly: it holds this transport, and a strong reference back
+    would make every connection a reference cycle, freed (with the request and
+    response objects it reaches) only by the cyclic collector."""
 
     __slots__ = ("_transport", "_protocol")
 
     def __init__(self, transport: asyncio.Transport, protocol: HttpToolsProtocol) -> None:
         self._transport = transport
-        self._protocol = protocol
+        self._protocol = ref(protocol)
 
     def close(self) -> None:
-        cycle = self._protocol.cycle
+        protocol = self._protocol()
+        cycle = protocol.cycle if protocol is not None else None
         dropped = cycle is not None and cycle.response_started and not cycle.response_complete
         if dropped and self._transport.get_write_buffer_size():
             self._transport.abort()

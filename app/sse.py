@@ -120,82 +120,37 @@ class SSEResponse:
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        loop = asyncio.get_running_loop()
-        lock = asyncio.Lock()
-        last_sent = loop.time()
-        writing_since = 0.0  # when the write in progress began; 0: none
-        ended = False  # the terminal event went out: no more pings
+        writer = _Writer(self, send)
+        try:
+            await self._run(writer, receive)
+        finally:
+            writer.close()
 
-        async def write(body: bytes) -> None:
-            nonlocal last_sent, writing_since
-            async with lock:
-                writing_since = loop.time()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                last_sent = loop.time()
-                writing_since = 0.0
+    async def _produce(self, writer: _Writer) -> None:
+        # `retry:` travels in the first event's block: alone in a block of its own,
+        # some clients never surface it.
+        prefix = b"retry: %d\n" % self.retry_ms if self.retry_ms else b""
+        try:
+            async for frame in self.frames:
+                await writer.write(prefix + frame if prefix else frame)
+                prefix = b""
+                if self.ends_on_terminal and _ends_stream(frame):
+                    writer.ended = True
+        finally:
+            aclose = getattr(self.frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
-        async def produce() -> None:
-            nonlocal ended
-            # `retry:` travels in the first event's block: alone in a block of its own,
-            # some clients never surface it.
-            prefix = b"retry: %d\n" % self.retry_ms if self.retry_ms else b""
-            try:
-                async for frame in self.frames:
-                    await write(prefix + frame if prefix else frame)
-                    prefix = b""
-                    if self.ends_on_terminal and _ends_stream(frame):
-                        ended = True
-            finally:
-                aclose = getattr(self.frames, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-        # Pings are a timer, not a task per stream: a task that sleeps costs about a
-        # kilobyte for every open stream, and most streams never need a ping.
-        ping_timer: asyncio.TimerHandle | None = None
-        pinging: asyncio.Task[None] | None = None
-
-        def ping_due() -> None:
-            nonlocal ping_timer, pinging
-            now = loop.time()
-            if writing_since:  # a write has not drained yet
-                stalled = now - writing_since
-                if self.send_timeout_s is not None and stalled >= self.send_timeout_s:
-                    ping_timer = None
-                    self.too_slow = True
-                    producer.cancel()  # ends the response; the client is dropped
-                    return
-                if self.on_stall is not None:
-                    self.on_stall()
-                tick = self.stall_tick_s
-                if self.send_timeout_s is not None:
-                    tick = min(tick, writing_since + self.send_timeout_s - now)
-                ping_timer = loop.call_later(max(tick, 0.01), ping_due)
-                return
-            if ended:
-                ping_timer = None
-                return
-            due = last_sent + self.ping_s
-            if due > now:
-                ping_timer = loop.call_later(min(due - now, self._watch_s()), ping_due)
-            else:
-                ping_timer, pinging = None, loop.create_task(ping())
-
-        async def ping() -> None:
-            nonlocal ping_timer
-            try:
-                await write(PING_FRAME)
-            except OSError:
-                return  # the client is gone; the watcher or the producer notices
-            ping_timer = loop.call_later(self._watch_s(), ping_due)
+    async def _run(self, writer: _Writer, receive: Receive) -> None:
+        send = writer.send
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        producer = asyncio.create_task(produce())
+        producer = writer.producer = asyncio.create_task(self._produce(writer))
         watcher = asyncio.create_task(disconnected())
-        ping_timer = loop.call_later(self._watch_s(), ping_due)
+        writer.arm(self._watch_s())
         tasks: list[asyncio.Task[Any]] = [producer, watcher]
         if self.stop is not None:
             tasks.append(asyncio.create_task(self.stop.wait()))
@@ -207,10 +162,9 @@ class SSEResponse:
             self.client_gone = (
                 self.too_slow or watcher.done() or (not producer.done() and not stopped)
             )
-            if ping_timer is not None:
-                ping_timer.cancel()
-            if pinging is not None:
-                tasks.append(pinging)
+            writer.disarm()
+            if writer.pinging is not None:
+                tasks.append(writer.pinging)
             # Cancelled until really done: a producer that swallowed one cancellation
             # would keep this response (and a draining server) open.
             await cancel_and_wait(tasks)
@@ -236,3 +190,94 @@ class SSEResponse:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:
                 self.client_gone = True
+
+
+class _Writer:
+    """One response's writes, and its timer: pings while idle, stalled writes watched.
+
+    State on an object, not in closures: closures that call each other (the timer's
+    callback re-arms itself and starts pings, which re-arm it) form a reference cycle
+    through their cells, and everything the response's frame held (the connection,
+    the generation, the request) was then freed only by the cyclic collector, late and
+    in pauses. `close()` breaks the one cycle left (the armed timer holds a bound
+    method), so a finished response is freed by reference counting."""
+
+    __slots__ = (
+        "response",
+        "send",
+        "loop",
+        "lock",
+        "last_sent",
+        "writing_since",
+        "ended",
+        "timer",
+        "pinging",
+        "producer",
+    )
+
+    def __init__(self, response: SSEResponse, send: Send) -> None:
+        self.response = response
+        self.send = send
+        self.loop = asyncio.get_running_loop()
+        self.lock = asyncio.Lock()
+        self.last_sent = self.loop.time()
+        self.writing_since = 0.0  # when the write in progress began; 0: none
+        self.ended = False  # the terminal event went out: no more pings
+        # Pings are a timer, not a task per stream: a task that sleeps costs about a
+        # kilobyte for every open stream, and most streams never need a ping.
+        self.timer: asyncio.TimerHandle | None = None
+        self.pinging: asyncio.Task[None] | None = None
+        self.producer: asyncio.Task[None] | None = None
+
+    async def write(self, body: bytes) -> None:
+        async with self.lock:
+            self.writing_since = self.loop.time()
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            self.last_sent = self.loop.time()
+            self.writing_since = 0.0
+
+    def arm(self, delay_s: float) -> None:
+        self.timer = self.loop.call_later(delay_s, self.due)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def due(self) -> None:
+        response, now = self.response, self.loop.time()
+        self.timer = None
+        if self.writing_since:  # a write has not drained yet
+            stalled = now - self.writing_since
+            timeout = response.send_timeout_s
+            if timeout is not None and stalled >= timeout:
+                response.too_slow = True
+                if self.producer is not None:
+                    self.producer.cancel()  # ends the response; the client is dropped
+                return
+            if response.on_stall is not None:
+                response.on_stall()
+            tick = response.stall_tick_s
+            if timeout is not None:
+                tick = min(tick, self.writing_since + timeout - now)
+            self.arm(max(tick, 0.01))
+            return
+        if self.ended:
+            return
+        due = self.last_sent + response.ping_s
+        if due > now:
+            self.arm(min(due - now, response._watch_s()))
+        else:
+            self.pinging = self.loop.create_task(self.ping())
+
+    async def ping(self) -> None:
+        try:
+            await self.write(PING_FRAME)
+        except OSError:
+            return  # the client is gone; the watcher or the producer notices
+        self.arm(self.response._watch_s())
+
+    def close(self) -> None:
+        """Cancels the timer and lets go of the tasks: nothing refers back to this."""
+        self.disarm()
+        self.pinging = self.producer = None
