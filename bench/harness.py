@@ -137,7 +137,7 @@ class Harness:
         """`relay_workers` > 1: `sserelay serve --workers N` (N processes behind one
         listening socket); CPU and memory are then summed over all of them. `server`
         "granian": the same app from `app.factory:app_from_env` served by granian
-        (ASGI, uvloop, one worker and one runtime thread per worker), to compare the
+        (ASGI, uvloop, `relay_workers` processes of one runtime thread each), to compare the
         servers on the same load; sserelay's own connection guards are uvicorn
         protocols, so they are not in that path."""
         self.logs = logs

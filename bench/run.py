@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         "--server",
         choices=("uvicorn", "granian"),
         default="uvicorn",
-        help="the ASGI server in front of sserelay's app (granian: pip install granian)",
+        help="the ASGI server in front of sserelay's app (granian comes with the bench extra)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
